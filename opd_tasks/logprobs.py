@@ -1,0 +1,44 @@
+"""The one place where logits become per-token log-probs of the tokens that were there.
+
+Every forward pass in opd (teacher/reference scoring, the trainer's old_t and s_t, the hf
+rollout's behaviour log-probs) goes through these two functions, so the shift from "logits at
+position i" to "log-prob of token i+1" is written exactly once.
+
+Layout: a row is prompt_ids + response_ids (+ padding on either side). Response token j of
+row b sits at index start[b] + j, where start[b] = left_pad[b] + len(prompt_ids[b]).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def token_logp(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-prob of each token given the tokens before it.
+
+    logits: [B, L, V] (any float dtype; computed in float32), input_ids: [B, L] int.
+    Returns [B, L] float32: out[b, i] = log softmax(logits[b, i-1] / temperature)[input_ids[b, i]]
+    for i >= 1, and out[b, 0] = 0 (the first token has no prediction).
+    Uses logit - logsumexp instead of a full log_softmax to avoid a second [B, L, V] tensor.
+    """
+    lg = logits[:, :-1].float()
+    if temperature != 1.0:
+        lg = lg / temperature
+    tgt = input_ids[:, 1:].long().unsqueeze(-1)
+    logp = lg.gather(-1, tgt).squeeze(-1) - torch.logsumexp(lg, dim=-1)
+    return torch.nn.functional.pad(logp, (1, 0))
+
+
+def gather_response(per_token: torch.Tensor, start: torch.Tensor, response_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut each row's response span out of a [B, L] per-token tensor.
+
+    per_token: [B, L]; start: [B] index of response token 0 in each row (>= 1: a response always
+    follows at least one prompt token); response_lens: [B].
+    Returns (values [B, R] with R = max(response_lens), mask [B, R] bool); padded entries are 0.
+    """
+    B, L = per_token.shape
+    R = int(response_lens.max()) if B else 0
+    j = torch.arange(R, device=per_token.device)
+    mask = j.unsqueeze(0) < response_lens.unsqueeze(1)
+    idx = (start.unsqueeze(1) + j.unsqueeze(0)).clamp(max=L - 1)
+    values = per_token.gather(1, idx) * mask
+    return values, mask
