@@ -71,6 +71,9 @@ class LossConfig(_Model):
     def _kdrl(self) -> "LossConfig":
         if self.kind == "kdrl" and self.w_rl == 0 and self.w_kd == 0:
             raise ValueError("loss: kdrl with w_rl = 0 and w_kd = 0 trains nothing; set one of them > 0")
+        if self.kind == "kdrl" and self.w_rl == 0 and "w_kd" not in self.model_fields_set:
+            # Pure KD must not keep the joint-loss default 0.005: that is a silent 200x lr cut.
+            self.w_kd = 1.0
         return self
 
 

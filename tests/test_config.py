@@ -100,3 +100,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("student: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_pure_kd_does_not_keep_the_tiny_joint_weight():
+    assert parse_config(minimal(loss={"kind": "kdrl", "w_rl": 0})).loss.w_kd == 1.0
+    assert parse_config(minimal(loss={"kind": "kdrl"})).loss.w_kd == 0.005
+    assert parse_config(minimal(loss={"kind": "kdrl", "w_rl": 0, "w_kd": 0.1})).loss.w_kd == 0.1
