@@ -1,5 +1,5 @@
 """User-facing errors of the work layer (see storage.errors for the base and storage errors)."""
-from storage.errors import LayoutError, ManifestError, OpdError, ShardError
+from storage.errors import DataError, LayoutError, ManifestError, OpdError, ShardError
 
 __all__ = ["OpdError", "ShardError", "ManifestError", "LayoutError",
            "TokenizerMismatchError", "ModelPathError", "DataError"]
@@ -11,7 +11,3 @@ class TokenizerMismatchError(OpdError):
 
 class ModelPathError(OpdError):
     """A model path that does not exist or does not hold an HF model."""
-
-
-class DataError(OpdError):
-    """A prompt dataset that is missing, empty, or lacks required columns."""

@@ -19,3 +19,7 @@ class ManifestError(OpdError):
 
 class LayoutError(OpdError):
     """A run name or path that is invalid or would escape the run root."""
+
+
+class DataError(OpdError):
+    """A dataset (prompts, offline responses) that is missing, empty, or lacks required columns."""
