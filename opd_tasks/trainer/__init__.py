@@ -1,0 +1,14 @@
+"""The FSDP2 trainer's pieces; `python -m opd_tasks.train` is the entry point.
+
+    batching.py    scored rows -> shuffled mini-batches -> token-budget micro-batches per rank
+    distributed.py process group, device mesh, fully_shard wrapping
+    checkpoint.py  train state (torch.distributed.checkpoint) + HF safetensors export
+    loop.py        old_t recompute, epochs x mini-batches, gradient accumulation, metrics
+    launch.py      launch_training(): torchrun in a subprocess, logs streamed, errors surfaced
+    task.py        train_task: the Prefect task around launch_training
+"""
+from storage.errors import OpdError
+
+
+class TrainError(OpdError):
+    """A training stage that cannot run (bad scored shards, checkpoint, config) or whose worker failed."""

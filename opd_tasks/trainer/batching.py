@@ -1,0 +1,185 @@
+"""Scored rows -> mini-batches -> token-budget micro-batches, identically on every rank.
+
+Every rank holds all rows of the iteration (a few MB of ids and log-probs), so every rank
+computes the same plan without communication: the epoch's shuffle, the mini-batch split,
+the normalizer (global valid-token count) and which micro-batches each rank runs. Ranks that
+run out of rows run zero-weight "dummy" micro-batches so that all ranks make the same number
+of forward/backward calls (FSDP collectives must match).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from opd_tasks.trainer import TrainError
+
+# Per-token columns in response-token indexing (length == len(response_ids)).
+TOKEN_COLUMNS = ("behaviour_logp", "teacher_logp")
+TEACHER_PREFIX = "teacher_logp."
+
+
+@dataclass
+class Rows:
+    """All samples of one iteration. Row i is prompt_ids[i] + response_ids[i].
+
+    input_ids[i]: [L_i] int64; start: [N] index of response token 0 (= prompt length);
+    response_len: [N]; token[name][i]: [R_i] float32 for behaviour_logp, teacher_logp, ref_logp,
+    teacher_logp.NAME and (after the recompute) old_logp; rewards/advantages: [N] float32.
+    """
+    input_ids: list[torch.Tensor]
+    start: torch.Tensor
+    response_len: torch.Tensor
+    token: dict[str, list[torch.Tensor]]
+    rewards: torch.Tensor
+    prompt_ids: list[str]
+    advantages: torch.Tensor | None = None
+    teachers: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[N] prompt + response length of each row."""
+        return self.start + self.response_len
+
+
+def _lists(table: pa.Table, name: str, source: str, dtype) -> tuple[list[np.ndarray], np.ndarray]:
+    """A list<...> column as per-row numpy views and row lengths [N]."""
+    col = table.column(name).combine_chunks()
+    if col.null_count:
+        raise TrainError(f"{source}: column {name!r} has {col.null_count} null rows; re-run the stage "
+                         f"that wrote it (every row needs a list)")
+    offsets = np.asarray(col.offsets, dtype=np.int64)
+    offsets = offsets - offsets[0]
+    values = np.array(col.flatten().to_numpy(zero_copy_only=False), dtype=dtype)  # a writable copy
+    return [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])], np.diff(offsets)
+
+
+def rows_from_table(table: pa.Table, source: str, *, need_ref: bool, need_reward: bool) -> Rows:
+    """Build Rows from a scored table; errors name `source` (the scored dir), the column and the fix."""
+    if table.num_rows == 0:
+        raise TrainError(f"{source}: the scored stage has no rows; nothing to train on "
+                         f"(check the rollout and scoring stages of this iteration)")
+    required = ["prompt_id", "prompt_ids", "response_ids", *TOKEN_COLUMNS]
+    required += ["ref_logp"] if need_ref else []
+    required += ["reward"] if need_reward else []
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        why = {"ref_logp": " (loss.kind=gopd with lambda != 1 needs reference scores)",
+               "reward": " (loss.kind=kdrl needs verifier rewards)"}
+        raise TrainError(f"{source}: scored shards lack column(s) {missing}"
+                         f"{''.join(why.get(c, '') for c in missing)}; re-run scoring for this iteration")
+    prompts, plen = _lists(table, "prompt_ids", source, np.int64)
+    responses, rlen = _lists(table, "response_ids", source, np.int64)
+    if (plen == 0).any():
+        raise TrainError(f"{source}: column 'prompt_ids' has {(plen == 0).sum()} empty rows; "
+                         f"a response needs at least one prompt token before it")
+    teachers = sorted(c[len(TEACHER_PREFIX):] for c in table.column_names if c.startswith(TEACHER_PREFIX))
+    names = list(TOKEN_COLUMNS) + (["ref_logp"] if need_ref else []) + [TEACHER_PREFIX + t for t in teachers]
+    token: dict[str, list[torch.Tensor]] = {}
+    for name in names:
+        vals, n = _lists(table, name, source, np.float32)
+        bad = np.flatnonzero(n != rlen)
+        if len(bad):
+            raise TrainError(f"{source}: column {name!r} row {int(bad[0])} has {int(n[bad[0]])} values for "
+                             f"{int(rlen[bad[0]])} response tokens ({len(bad)} rows differ); log-probs must be "
+                             f"in response-token indexing; re-run the stage that wrote {name!r}")
+        token[name] = [torch.from_numpy(v) for v in vals]
+    rewards = torch.full((table.num_rows,), float("nan"))
+    if "reward" in table.column_names:
+        r = table.column("reward").combine_chunks()
+        if need_reward and r.null_count:
+            raise TrainError(f"{source}: column 'reward' has {r.null_count} null rows; loss.kind=kdrl needs a "
+                             f"verifier reward for every sample (check data.train's answers/domains)")
+        rewards = torch.from_numpy(np.asarray(r.to_numpy(zero_copy_only=False), dtype=np.float32).copy())
+    return Rows(
+        input_ids=[torch.from_numpy(np.concatenate([p, r])) for p, r in zip(prompts, responses)],
+        start=torch.from_numpy(plen.copy()), response_len=torch.from_numpy(rlen.copy()),
+        token=token, rewards=rewards, prompt_ids=[str(p) for p in table.column("prompt_id").to_pylist()],
+        teachers=teachers)
+
+
+def group_ids(prompt_ids: list[str]) -> torch.Tensor:
+    """[N] int64 group index per row: rows with the same prompt_id share one (first-seen order)."""
+    index: dict[str, int] = {}
+    return torch.tensor([index.setdefault(p, len(index)) for p in prompt_ids], dtype=torch.long)
+
+
+def shuffle_seed(seed: int, iteration: int, epoch: int) -> int:
+    """A 63-bit seed that depends on (seed, iteration, epoch) only (stable across processes)."""
+    digest = hashlib.sha256(f"opd-train/{seed}/{iteration}/{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def mini_batches(n: int, num: int, seed: int, iteration: int, epoch: int) -> list[torch.Tensor]:
+    """Shuffle 0..n-1 for this epoch and split into `num` chunks (sizes differ by at most 1).
+
+    Returns a list of [n_k] int64 row-index tensors; chunks are never empty (num is capped at n).
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed(seed, iteration, epoch)))
+    return list(torch.tensor_split(order, min(num, n)))
+
+
+def pack(indices: list[int], lengths: torch.Tensor, token_budget: int) -> list[list[int]]:
+    """Greedy packing of rows (longest first) into micro-batches of rows x max_len <= token_budget.
+
+    A row longer than the budget gets a micro-batch of its own. Deterministic: ties keep input order.
+    """
+    order = sorted(indices, key=lambda i: -int(lengths[i]))
+    out: list[list[int]] = []
+    for i in order:
+        # sorted descending, so the first row of a micro-batch is its longest
+        if out and (len(out[-1]) + 1) * int(lengths[out[-1][0]]) <= token_budget:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def rank_plan(indices: torch.Tensor, lengths: torch.Tensor, token_budget: int,
+              rank: int, world: int) -> list[list[int] | None]:
+    """The micro-batches rank `rank` runs for one mini-batch: row-index lists, None = dummy.
+
+    Rows are dealt round-robin by length (balanced tokens per rank), each rank packs its own rows,
+    and every rank's list is padded with None to the longest rank's count.
+    """
+    by_len = sorted(indices.tolist(), key=lambda i: (-int(lengths[i]), i))
+    per_rank = [pack(by_len[r::world], lengths, token_budget) for r in range(world)]
+    count = max(len(p) for p in per_rank)
+    mine = per_rank[rank]
+    return mine + [None] * (count - len(mine))
+
+
+def collate(rows: Rows, idx: list[int], token_names: Iterable[str] | None = None, pad_id: int = 0) -> dict:
+    """One micro-batch as tensors, right-padded (pad_id is never attended to: attention_mask 0).
+
+    Returns input_ids/attention_mask [B, L]; start, response_len [B]; mask [B, R] bool; for every
+    per-token column NAME in `token_names` (default: all of rows.token): NAME [B, R] float32
+    (0 on padding); rewards [B] and advantages [B] when present.
+    """
+    L = int(rows.lengths[idx].max())
+    R = int(rows.response_len[idx].max())
+    B = len(idx)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    att = torch.zeros((B, L), dtype=torch.long)
+    names = list(rows.token) if token_names is None else list(token_names)
+    out = {name: torch.zeros((B, R)) for name in names}
+    for b, i in enumerate(idx):
+        n = len(rows.input_ids[i])
+        ids[b, :n] = rows.input_ids[i]
+        att[b, :n] = 1
+        r = int(rows.response_len[i])
+        for name in names:
+            out[name][b, :r] = rows.token[name][i]
+    sel = torch.tensor(idx, dtype=torch.long)
+    out.update(input_ids=ids, attention_mask=att, start=rows.start[sel], response_len=rows.response_len[sel],
+               mask=torch.arange(R).unsqueeze(0) < rows.response_len[sel].unsqueeze(1), rewards=rows.rewards[sel])
+    if rows.advantages is not None:
+        out["advantages"] = rows.advantages[sel]
+    return out

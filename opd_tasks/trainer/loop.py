@@ -1,0 +1,193 @@
+"""One iteration of training: recompute old_t, then epochs x mini-batches of accumulated micro-batches.
+
+Runs the same on a plain module (tests' reference) and on an FSDP2-sharded one; collectives are
+used only when a process group of more than one rank exists.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from opd_tasks.logprobs import gather_response, token_logp
+from opd_tasks.losses import LossParams, compute_loss, group_advantages
+from opd_tasks.trainer.batching import Rows, collate, group_ids, mini_batches, rank_plan
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the loop needs of RunConfig (train.*, seed) for one iteration."""
+    epochs: int = 1
+    mini_batches: int = 1
+    micro_batch_tokens: int = 8192
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    iteration: int = 0
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if _world()[1] > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def response_logp(model: torch.nn.Module, mb: dict, device: torch.device) -> torch.Tensor:
+    """s_t of a collated micro-batch: [B, R] float32 (0 on padding), with grad when enabled."""
+    ids = mb["input_ids"].to(device)
+    logits = model(input_ids=ids, attention_mask=mb["attention_mask"].to(device), use_cache=False).logits
+    values, _ = gather_response(token_logp(logits, ids), mb["start"].to(device), mb["response_len"].to(device))
+    return values
+
+
+@torch.no_grad()
+def recompute_old_logp(model: torch.nn.Module, rows: Rows, token_budget: int, device: torch.device) -> None:
+    """old_t for every row with the current (rollout-time) weights; sets rows.token["old_logp"].
+
+    Each rank scores its share of the rows; an all_reduce SUM of the zero-filled flat [T] tensor
+    (T = all response tokens) gives every rank every row's old_t.
+    """
+    rank, world = _world()
+    lens = rows.response_len
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+    flat = torch.zeros(int(offsets[-1]), dtype=torch.float32)
+    for idx in rank_plan(torch.arange(len(rows)), rows.lengths, token_budget, rank, world):
+        mb = collate(rows, idx or [0], token_names=())
+        values = response_logp(model, mb, device).cpu()
+        for b, i in enumerate(idx or []):
+            flat[offsets[i]:offsets[i + 1]] = values[b, : int(lens[i])]
+    flat = _all_reduce(flat.to(device)).cpu()
+    rows.token["old_logp"] = [flat[offsets[i]:offsets[i + 1]] for i in range(len(rows))]
+
+
+def set_advantages(rows: Rows, params: LossParams) -> None:
+    """kdrl: GRPO advantages over the WHOLE iteration (groups = prompt_id), before any split."""
+    if params.kind == "kdrl":
+        rows.advantages = group_advantages(rows.rewards, group_ids(rows.prompt_ids))
+
+
+class _Metrics:
+    """Combines per-micro-batch loss metrics across micro-batches and ranks (see losses.py):
+    loss shares sum, *_max take the max, counts sum, the rest are token-weighted means
+    (kdrl's reward_mean is a mean over sequences)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.sums: dict[str, float] = {}
+        self.maxes: dict[str, float] = {}
+
+    def _how(self, key: str) -> str:
+        if key.startswith("loss") or key in ("tokens", "sequences"):
+            return "sum"
+        if key.endswith("_max"):
+            return "max"
+        return "seq" if (key == "reward_mean" and self.kind == "kdrl") else "tok"
+
+    def add(self, m: dict[str, float]) -> None:
+        for key, v in m.items():
+            how = self._how(key)
+            if how == "max":
+                self.maxes[key] = max(self.maxes.get(key, -math.inf), v)
+            else:
+                w = 1.0 if how == "sum" else m["tokens" if how == "tok" else "sequences"]
+                self.sums[key] = self.sums.get(key, 0.0) + w * v
+
+    def reduce(self, keys: list[str], device: torch.device) -> dict[str, float]:
+        """All ranks must call with the same `keys` (the loss's metric names)."""
+        skeys = [k for k in keys if self._how(k) != "max"]
+        mkeys = [k for k in keys if self._how(k) == "max"]
+        s = _all_reduce(torch.tensor([self.sums.get(k, 0.0) for k in skeys], dtype=torch.float64, device=device))
+        mx = _all_reduce(torch.tensor([self.maxes.get(k, -math.inf) for k in mkeys], dtype=torch.float64,
+                                      device=device), dist.ReduceOp.MAX)
+        tot = dict(zip(skeys, s.tolist()))
+        out = {}
+        for k in skeys:
+            how = self._how(k)
+            den = 1.0 if how == "sum" else tot["tokens" if how == "tok" else "sequences"]
+            out[k] = tot[k] / den if den else 0.0
+        out.update(zip(mkeys, mx.tolist()))
+        return out
+
+
+def _loss_keys(params: LossParams, rows: Rows) -> list[str]:
+    """The loss's metric names, from a 1-row dry call (identical on every rank)."""
+    mb = _loss_batch(collate(rows, [0]), torch.zeros(1, int(rows.response_len[0])), params)
+    return list(compute_loss(params, mb)[1])
+
+
+def _loss_batch(mb: dict, logp: torch.Tensor, params: LossParams) -> dict:
+    batch = {k: v.to(logp.device) for k, v in mb.items() if isinstance(v, torch.Tensor)}
+    batch["logp"] = logp
+    if params.kind != "kdrl":  # rewards may be null outside kdrl; advantages are kdrl's only
+        batch.pop("rewards", None)
+        batch.pop("advantages", None)
+    return batch
+
+
+def train_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rows: Rows, params: LossParams,
+                    cfg: LoopConfig, device: torch.device, step: int = 0,
+                    on_step: Callable[[dict], None] | None = None) -> dict:
+    """Run cfg.epochs x cfg.mini_batches optimizer steps on `rows` (old_t recomputed first).
+
+    Each mini-batch's loss is the sum of its micro-batch losses, each divided by the GLOBAL number
+    of valid tokens (token_mean) or sequences (seq_mean) of the mini-batch; gradients sum over
+    ranks. Returns {"steps": [per-step metrics], "old_logp_seconds", "seconds", "tokens", ...}.
+    """
+    rank, world = _world()
+    model.train()
+    t0 = time.perf_counter()
+    recompute_old_logp(model, rows, cfg.micro_batch_tokens, device)
+    set_advantages(rows, params)
+    t_old = time.perf_counter() - t0
+    keys = _loss_keys(params, rows)
+    steps, tokens, padded = [], 0, 0
+    t1 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        for k, mini in enumerate(mini_batches(len(rows), cfg.mini_batches, cfg.seed, cfg.iteration, epoch)):
+            ts = time.perf_counter()
+            norm = float(rows.response_len[mini].sum()) if params.aggregation == "token_mean" else float(len(mini))
+            norm = max(norm, 1.0)  # a mini-batch of empty responses trains nothing (loss 0)
+            acc = _Metrics(params.kind)
+            optimizer.zero_grad(set_to_none=True)
+            for idx in rank_plan(mini, rows.lengths, cfg.micro_batch_tokens, rank, world):
+                mb = collate(rows, idx or [int(mini[0])])
+                logp = response_logp(model, mb, device)
+                if idx is None:  # dummy: same collectives as the other ranks, zero gradient
+                    (logp.sum() * 0.0).backward()
+                    continue
+                loss, m = compute_loss(params, _loss_batch(mb, logp, params), normalizer=norm)
+                loss.backward()
+                acc.add(m)
+                tokens += int(mb["attention_mask"].sum())
+                padded += mb["input_ids"].numel()
+            max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+            optimizer.step()
+            step += 1
+            rec = {"step": step, "epoch": epoch, "mini_batch": k, **acc.reduce(keys, device),
+                   "grad_norm": float(gn), "seconds": time.perf_counter() - ts}
+            steps.append(rec)
+            if on_step is not None and rank == 0:
+                on_step(rec)
+    seconds = time.perf_counter() - t1
+    counts = _all_reduce(torch.tensor([tokens, padded], dtype=torch.float64, device=device)).tolist()
+    return {"steps": steps, "step": step, "old_logp_seconds": t_old, "seconds": seconds,
+            "tokens": int(counts[0]), "padded_tokens": int(counts[1]), "world_size": world,
+            "tokens_per_s": counts[0] / seconds if seconds > 0 else 0.0, "rows": len(rows)}
+
+
+def print_step(rec: dict) -> None:
+    """The line a rank-0 worker prints per optimizer step (the launcher streams it)."""
+    print("opd-train step " + json.dumps({k: (round(v, 6) if isinstance(v, float) else v)
+                                          for k, v in rec.items()}), flush=True)
