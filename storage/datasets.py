@@ -1,0 +1,67 @@
+"""User datasets in: prompt sets and offline prompt+response sets (Parquet or JSONL, any fsspec URL).
+
+A prompt set has a `prompt` column (text) and, optionally, `answer` (for the domain verifier),
+`domain` (for routing and per-domain accuracy) and `prompt_id` (stable id; made from the row
+number when absent). Errors name the file, the column and the fix.
+"""
+from __future__ import annotations
+
+import fsspec
+import pyarrow as pa
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from storage.errors import DataError
+
+FORMATS = (".parquet", ".jsonl", ".json")
+
+
+def read_table(path: str, storage_options: dict | None = None) -> pa.Table:
+    """Read a whole Parquet or JSONL file through fsspec."""
+    fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    if not fs.exists(p):
+        raise DataError(f"{path}: dataset not found; check the path in the config (data.train / data.eval) "
+                        f"or the --input option")
+    if not p.endswith(FORMATS):
+        raise DataError(f"{path}: unsupported format; use one of {', '.join(FORMATS)}")
+    try:
+        with fs.open(p, "rb") as f:
+            return pq.read_table(f) if p.endswith(".parquet") else pajson.read_json(f)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: cannot be read as {p.rsplit('.', 1)[-1]}: {err}") from None
+
+
+def read_prompts(path: str, storage_options: dict | None = None, need: tuple[str, ...] = ()) -> pa.Table:
+    """Prompt set with columns prompt_id, prompt, answer, domain (answer/domain null when absent).
+
+    need: extra columns that must be present and non-null (e.g. ("domain",) for routing,
+    ("answer",) when the loss uses verifier rewards).
+    """
+    table = read_table(path, storage_options)
+    if "prompt" not in table.column_names:
+        raise DataError(f"{path}: missing required column 'prompt' (found: {table.column_names}); "
+                        f"a prompt set needs a text column named prompt")
+    if table.num_rows == 0:
+        raise DataError(f"{path}: the prompt set is empty")
+    for col in need:
+        if col not in table.column_names:
+            raise DataError(f"{path}: missing column {col!r} (found: {table.column_names}), required by this "
+                            f"run's config (combination=route needs domain; verifier rewards need answer)")
+        nulls = table.column(col).null_count
+        if nulls:
+            raise DataError(f"{path}: column {col!r} has {nulls} null value(s); every row needs one")
+    n = table.num_rows
+    cols = {
+        "prompt_id": (table.column("prompt_id").cast(pa.string()) if "prompt_id" in table.column_names
+                      else pa.array([f"p{i:08d}" for i in range(n)], pa.string())),
+        "prompt": table.column("prompt").cast(pa.string()),
+        "answer": (table.column("answer").cast(pa.string()) if "answer" in table.column_names
+                   else pa.nulls(n, pa.string())),
+        "domain": (table.column("domain").cast(pa.string()) if "domain" in table.column_names
+                   else pa.nulls(n, pa.string())),
+    }
+    out = pa.table(cols)
+    ids = out.column("prompt_id")
+    if len(ids.unique()) != n:
+        raise DataError(f"{path}: column 'prompt_id' has duplicate values; ids must be unique")
+    return out
