@@ -1,0 +1,155 @@
+"""Rollout stage: the current student samples G responses per prompt, with behaviour log-probs.
+
+    run_rollout(ctx, iteration)     # writes RUN/iter-N/rollout/part-*.parquet + _MANIFEST.json
+
+The iteration's prompts and every part's sampling seed are functions of (run seed, iteration,
+part), so a resumed stage regenerates exactly the parts it is missing and keeps the rest.
+Rewards come from the domain verifiers (opd_tasks.verifiers).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from opd_tasks.context import RunContext
+from opd_tasks.engines.base import Generator, SamplingParams
+from opd_tasks.errors import DataError
+from opd_tasks.models import load_tokenizer, max_context
+from opd_tasks.verifiers import get_verifier
+from storage.datasets import read_prompts
+from storage.manifest import read_manifest
+from storage.shards import build_provenance, commit_parts, finished_parts, rollout_table, write_part
+
+log = logging.getLogger("opd.rollout")
+
+
+@dataclass
+class StageResult:
+    stage: str
+    rows: int
+    seconds: float
+    skipped: bool = False
+    tokens: int = 0
+
+
+def iteration_prompts(prompts: pa.Table, iteration: int, seed: int, n: int) -> pa.Table:
+    """n prompts for this iteration: a fresh permutation per pass over the data, so every prompt
+    is used once before any repeats; deterministic in (seed, iteration)."""
+    total = prompts.num_rows
+    per_pass = max(1, total // n)              # iterations per pass over the data
+    pass_index, slot = divmod(iteration, per_pass)
+    order = np.random.default_rng([seed, pass_index]).permutation(total)
+    take = order[(slot * n) % total:][:n]
+    if len(take) < n:                          # n > total: wrap around
+        take = np.resize(order, n)
+    return prompts.take(pa.array(take))
+
+
+def part_seed(seed: int, iteration: int, part: int) -> int:
+    return int(np.random.default_rng([seed, iteration, part, 7]).integers(0, 2**31 - 1))
+
+
+def sampling_params(ctx: RunContext, seed: int, max_new_tokens: int | None = None, greedy: bool = False) -> SamplingParams:
+    r = ctx.cfg.rollout
+    return SamplingParams(temperature=1e-5 if greedy else r.temperature, top_p=r.top_p, top_k=r.top_k,
+                          max_new_tokens=max_new_tokens or r.max_new_tokens, seed=seed)
+
+
+def tokenize_prompts(tokenizer, texts: list[str], limit: int, source: str, ids: list[str]) -> list[list[int]]:
+    """Token ids of each prompt, once; a prompt that leaves no room for the response is an error."""
+    out = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    for pid, toks in zip(ids, out):
+        if len(toks) > limit:
+            raise DataError(f"{source}: prompt {pid!r} has {len(toks)} tokens, but the model's context leaves "
+                            f"{limit} for the prompt after max_new_tokens; shorten the prompt, lower "
+                            f"rollout.max_new_tokens, or drop it from the dataset")
+    return out
+
+
+def sample_part(gen: Generator, tokenizer, rows: pa.Table, prompt_ids: list[list[int]], iteration: int,
+                sampling: SamplingParams, group_size: int) -> pa.Table:
+    """Generate G responses for each prompt of one part and score them with the verifiers."""
+    groups = gen.generate(prompt_ids, group_size, sampling)
+    pids, domains, answers = (rows.column(c).to_pylist() for c in ("prompt_id", "domain", "answer"))
+    cols: dict[str, list] = {k: [] for k in ("sample_id", "prompt_id", "group_index", "domain", "prompt_ids",
+                                             "response_ids", "behaviour_logp", "finish_reason", "reward")}
+    for i, samples in enumerate(groups):
+        verify = get_verifier(domains[i]) if answers[i] is not None else None
+        for g, s in enumerate(samples):
+            cols["sample_id"].append(f"i{iteration:06d}-{pids[i]}-g{g}")
+            cols["prompt_id"].append(pids[i])
+            cols["group_index"].append(g)
+            cols["domain"].append(domains[i])
+            cols["prompt_ids"].append(np.asarray(prompt_ids[i], np.int32))
+            cols["response_ids"].append(np.asarray(s.response_ids, np.int32))
+            cols["behaviour_logp"].append(np.asarray(s.behaviour_logp, np.float32))
+            cols["finish_reason"].append(s.finish_reason)
+            text = tokenizer.decode(s.response_ids, skip_special_tokens=True)
+            cols["reward"].append(None if verify is None else float(verify(text, answers[i])))
+    return rollout_table({**cols, "iteration": iteration})
+
+
+def run_rollout(ctx: RunContext, iteration: int, generator: Generator | None = None) -> StageResult:
+    """Write the rollout stage of `iteration` (parts already committed are kept)."""
+    fs, stage = ctx.layout.fs, ctx.stage_dir(iteration, "rollout")
+    t0 = time.perf_counter()
+    if (m := read_manifest(fs, stage)) is not None:
+        return StageResult("rollout", m.rows, 0.0, skipped=True)
+    cfg = ctx.cfg
+    student = ctx.student_path(iteration)
+    need = ("domain",) if cfg.combination == "route" else ()
+    need += ("answer",) if cfg.loss.kind == "kdrl" else ()
+    prompts = iteration_prompts(read_prompts(cfg.data.train, need=need), iteration, cfg.seed,
+                                cfg.rollout.prompts_per_iteration)
+    tokenizer = load_tokenizer(student, cfg.student.trust_remote_code)
+    limit = max_context(student) - cfg.rollout.max_new_tokens
+    G = cfg.rollout.group_size
+    per_part = max(1, cfg.rollout.rows_per_part // G)
+    n_parts = -(-prompts.num_rows // per_part)
+    prov = build_provenance("rollout", iteration=iteration, config_hash=ctx.config_hash,
+                            tokenizer_path=student, student_checkpoint=student,
+                            sampling=sampling_params(ctx, 0).to_dict() | {"seed": "per part"},
+                            engine=cfg.rollout.engine, group_size=G)
+    done = finished_parts(fs, stage, expect={"config_hash": ctx.config_hash})
+    gen = None
+    tokens = 0
+    for k in range(n_parts):
+        if k in done:
+            continue
+        if gen is None:
+            gen = generator or get_generator(ctx, student)
+        rows = prompts.slice(k * per_part, per_part)
+        ids = tokenize_prompts(tokenizer, rows.column("prompt").to_pylist(), limit, cfg.data.train,
+                               rows.column("prompt_id").to_pylist())
+        table = sample_part(gen, tokenizer, rows, ids, iteration, sampling_params(ctx, part_seed(cfg.seed, iteration, k)), G)
+        tokens += sum(len(r) for r in table.column("response_ids").to_pylist())
+        done[k] = write_part(fs, stage, k, table, prov, vocab_size=len(tokenizer))
+        log.info("rollout iter %d part %d/%d: %d samples", iteration, k + 1, n_parts, table.num_rows)
+    m = commit_parts(fs, stage, "rollout", done, ctx.config_hash,
+                     inputs={"student": student, "prompts": cfg.data.train})
+    return StageResult("rollout", m.rows, time.perf_counter() - t0, tokens=tokens)
+
+
+_GENERATORS: dict[tuple, Generator] = {}
+
+
+def get_generator(ctx: RunContext, model_path: str) -> Generator:
+    """A long-lived generator per (engine, run): later iterations reload weights in place."""
+    from opd_tasks.engines import make_generator
+    r = ctx.cfg.rollout
+    key = (r.engine, ctx.run_dir)
+    gen = _GENERATORS.get(key)
+    if gen is None:
+        opts = {"dtype": ctx.cfg.student.dtype, "token_budget": r.token_budget, "vllm": r.vllm,
+                "url": r.url, "max_concurrency": r.max_concurrency,
+                "trust_remote_code": ctx.cfg.student.trust_remote_code}
+        gen = _GENERATORS[key] = make_generator(r.engine, model_path, **opts)
+        gen._opd_path = model_path
+    elif getattr(gen, "_opd_path", None) != model_path:
+        gen.load_weights(model_path)
+        gen._opd_path = model_path
+    return gen
