@@ -11,7 +11,7 @@ import yaml
 
 from opd_tasks.config import RunConfig, parse_config
 from opd_tasks.errors import OpdError
-from storage.checkpoints import hf_dir, is_complete
+from storage.checkpoints import rollout_student
 from storage.fs import exists, read_bytes
 from storage.layout import RunLayout
 
@@ -49,12 +49,8 @@ class RunContext:
     def student_path(self, iteration: int) -> str:
         """The student that samples iteration `iteration`: the initial model, or the HF export of
         the checkpoint written after training iteration - 1."""
-        if iteration == 0:
-            return self.cfg.student.path
-        if not is_complete(self.layout, iteration - 1):
-            raise OpdError(f"{self.run_dir}: iteration {iteration} needs the checkpoint of iteration "
-                           f"{iteration - 1}, which is not complete; resume the run to finish training it")
-        return self.layout.url_of(hf_dir(self.layout, iteration - 1))
+        path = rollout_student(self.layout, iteration, initial=self.cfg.student.path)
+        return path if iteration == 0 else self.layout.url_of(path)
 
     @property
     def reference_path(self) -> str:
@@ -63,3 +59,36 @@ class RunContext:
 
     def stage_dir(self, iteration: int, stage: str) -> str:
         return self.layout.stage_dir(iteration, stage)
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def prepare_run(cfg: RunConfig, run_dir: str) -> RunContext:
+    """Write run.yaml once; on an existing run, refuse a config whose hash changed (only
+    config.MUTABLE_FIELDS such as `iterations` may change) and keep the stored config otherwise."""
+    from opd_tasks.config import MUTABLE_FIELDS
+    from storage.fs import write_text_atomic
+    layout = RunLayout(run_dir)
+    if exists(layout.fs, layout.run_yaml):
+        old = parse_config(yaml.safe_load(read_bytes(layout.fs, layout.run_yaml)), layout.url_of(layout.run_yaml))
+        if old.config_hash() != cfg.config_hash():
+            changes = _diff(old.model_dump(mode="json", by_alias=True), cfg.model_dump(mode="json", by_alias=True))
+            changes = [c for c in changes if c.split(":")[0] not in MUTABLE_FIELDS]
+            raise OpdError(f"{run_dir}: the config differs from the run's run.yaml ({old.config_hash()} -> "
+                           f"{cfg.config_hash()}): " + "; ".join(changes[:8]) + ". Only "
+                           f"{', '.join(MUTABLE_FIELDS)} may change on resume; start a new run directory "
+                           f"for a different config")
+        if old.model_dump() == cfg.model_dump():
+            return RunContext.from_config(old, layout)
+    write_text_atomic(layout.fs, layout.run_yaml, cfg.to_yaml())
+    return RunContext.from_config(cfg, layout)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
 
@@ -19,21 +17,13 @@ from opd_tasks.context import RunContext
 from opd_tasks.engines.base import Generator, SamplingParams
 from opd_tasks.errors import DataError
 from opd_tasks.models import load_tokenizer, max_context
+from opd_tasks.stages import StageResult
 from opd_tasks.verifiers import get_verifier
 from storage.datasets import read_prompts
 from storage.manifest import read_manifest
 from storage.shards import build_provenance, commit_parts, finished_parts, rollout_table, write_part
 
 log = logging.getLogger("opd.rollout")
-
-
-@dataclass
-class StageResult:
-    stage: str
-    rows: int
-    seconds: float
-    skipped: bool = False
-    tokens: int = 0
 
 
 def iteration_prompts(prompts: pa.Table, iteration: int, seed: int, n: int) -> pa.Table:
@@ -98,7 +88,7 @@ def run_rollout(ctx: RunContext, iteration: int, generator: Generator | None = N
     fs, stage = ctx.layout.fs, ctx.stage_dir(iteration, "rollout")
     t0 = time.perf_counter()
     if (m := read_manifest(fs, stage)) is not None:
-        return StageResult("rollout", m.rows, 0.0, skipped=True)
+        return StageResult(stage="rollout", iteration=iteration, rows=m.rows, skipped=True)
     cfg = ctx.cfg
     student = ctx.student_path(iteration)
     need = ("domain",) if cfg.combination == "route" else ()
@@ -131,7 +121,8 @@ def run_rollout(ctx: RunContext, iteration: int, generator: Generator | None = N
         log.info("rollout iter %d part %d/%d: %d samples", iteration, k + 1, n_parts, table.num_rows)
     m = commit_parts(fs, stage, "rollout", done, ctx.config_hash,
                      inputs={"student": student, "prompts": cfg.data.train})
-    return StageResult("rollout", m.rows, time.perf_counter() - t0, tokens=tokens)
+    return StageResult(stage="rollout", iteration=iteration, rows=m.rows, seconds=time.perf_counter() - t0,
+                       tokens=tokens)
 
 
 _GENERATORS: dict[tuple, Generator] = {}

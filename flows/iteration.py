@@ -1,0 +1,61 @@
+"""One OPD iteration as a Prefect flow: rollout -> score -> train -> evaluate.
+
+    from flows.iteration import opd_iteration
+    opd_iteration(run_dir="runs/toy", iteration=3)      # flow run named iteration-0003
+
+Each task checks its stage manifest first and returns at once when the stage is done, so
+re-running an iteration (or the whole run) redoes nothing that finished. The manifests, not
+Prefect's database, are the truth: a fresh Prefect database resumes just as well.
+Tasks take (run_dir, iteration) and return small StageResult models, never tensors or tables.
+"""
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from opd_tasks.context import RunContext
+from opd_tasks.stages import StageResult
+
+# Storage hiccups and remote scoring servers are worth retrying; a failing model load is not.
+IO_RETRIES = dict(retries=2, retry_delay_seconds=[5, 30])
+
+
+@task(name="rollout", cache_policy=NO_CACHE)
+def rollout(run_dir: str, iteration: int) -> StageResult:
+    from opd_tasks.rollout import run_rollout
+    return run_rollout(RunContext.load(run_dir), iteration)
+
+
+@task(name="score", cache_policy=NO_CACHE, **IO_RETRIES)
+def score(run_dir: str, iteration: int) -> StageResult:
+    from opd_tasks.scoring import run_scoring
+    return run_scoring(RunContext.load(run_dir), iteration)
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train(run_dir: str, iteration: int) -> StageResult:
+    from opd_tasks.train import run_training
+    return run_training(RunContext.load(run_dir), iteration)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE, **IO_RETRIES)
+def evaluate(run_dir: str, iteration: int) -> StageResult:
+    from opd_tasks.evaluate import run_evaluation
+    return run_evaluation(RunContext.load(run_dir), iteration)
+
+
+@flow(name="opd-iteration", flow_run_name="iteration-{iteration:04d}", log_prints=True)
+def opd_iteration(run_dir: str, iteration: int) -> dict[str, StageResult]:
+    stages = {"rollout": rollout(run_dir, iteration)}
+    stages["scored"] = score(run_dir, iteration)
+    stages["train"] = train(run_dir, iteration)
+    stages["eval"] = evaluate(run_dir, iteration)
+    for s in stages.values():
+        print(f"iteration {iteration} {s.stage}: " + ("done before, skipped" if s.skipped
+              else f"{s.rows} rows in {s.seconds:.1f}s ({s.tokens_per_s:.0f} tok/s)"))
+    return stages
+
+
+if __name__ == "__main__":
+    import sys
+    opd_iteration(sys.argv[1], int(sys.argv[2]))

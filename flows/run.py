@@ -1,0 +1,89 @@
+"""A whole run: N iterations of rollout -> score -> train -> evaluate, resumable.
+
+    opd run configs/toy.yaml --run-dir runs/toy     # or: python -m flows.run configs/toy.yaml runs/toy
+    opd resume runs/toy                             # same thing, from the stored run.yaml
+
+`opd_run` writes run.yaml once (a changed config is refused unless only `iterations`-like fields
+changed), finds the first iteration that is not complete, and runs the rest, one subflow per
+iteration. After each iteration it appends a line to metrics.jsonl and publishes a Prefect table
+artifact; a progress artifact tracks the run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+
+from flows.iteration import opd_iteration
+from opd_tasks.config import RunConfig, load_config
+from opd_tasks.context import RunContext, prepare_run
+from opd_tasks.summary import iteration_summary, record_iteration
+from storage.manifest import stage_status
+
+
+def first_incomplete(ctx: RunContext, total: int) -> int:
+    """The first iteration whose evaluation stage (the last one) has no manifest."""
+    for n in range(total):
+        if stage_status(ctx.layout.fs, ctx.stage_dir(n, "eval")) != "done":
+            return n
+    return total
+
+
+def _artifact_key(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower())
+
+
+def _table(row: dict) -> list[dict]:
+    flat = [{"metric": "loss", "value": row.get("loss")}, {"metric": "reward_mean", "value": row.get("reward_mean")},
+            {"metric": "kl(student||combined)", "value": row.get("kl_combined")}]
+    flat += [{"metric": f"kl(student||{k})", "value": v} for k, v in (row.get("kl") or {}).items()]
+    flat += [{"metric": f"accuracy/{d}", "value": v} for d, v in (row.get("accuracy") or {}).items()]
+    flat += [{"metric": f"seconds/{k}", "value": v} for k, v in row["seconds"].items()]
+    flat += [{"metric": f"tokens_per_s/{k}", "value": v} for k, v in row["tokens_per_s"].items()]
+    return flat
+
+
+@flow(name="opd-run", log_prints=True)
+def opd_run(config_path: str, run_dir: str | None = None, iterations: int | None = None) -> dict:
+    """Run (or resume) the run of `config_path` in `run_dir` (default: config's run_dir, else runs/NAME)."""
+    cfg = load_config(config_path)
+    return run_config(cfg, run_dir, iterations)
+
+
+def run_config(cfg: RunConfig, run_dir: str | None = None, iterations: int | None = None) -> dict:
+    logger = get_run_logger()
+    updates = {"iterations": iterations} if iterations is not None else {}
+    run_dir = run_dir or cfg.run_dir or f"runs/{cfg.name}"
+    cfg = cfg.model_copy(update={**updates, "run_dir": run_dir})
+    ctx = prepare_run(cfg, run_dir)
+    total = ctx.cfg.iterations
+    start = first_incomplete(ctx, total)
+    logger.info("run %s: %d/%d iterations complete, config %s", ctx.run_dir, start, total, ctx.config_hash)
+    key = _artifact_key(f"{cfg.name}-progress")
+    progress = create_progress_artifact(progress=100.0 * start / max(total, 1), key=key,
+                                        description=f"iterations of {ctx.run_dir}")
+    for n in range(start, total):
+        stages = opd_iteration(ctx.run_dir, n)
+        row = iteration_summary(ctx, n, stages)
+        record_iteration(ctx, row)
+        create_table_artifact(key=_artifact_key(f"{cfg.name}-iteration-{n:04d}"), table=_table(row),
+                              description=f"{ctx.run_dir} iteration {n}")
+        update_progress_artifact(progress, progress=100.0 * (n + 1) / max(total, 1))
+    return {"run_dir": ctx.run_dir, "iterations": total, "resumed_at": start}
+
+
+def run_from_config(config: Path | str, run_dir: str | None = None, iterations: int | None = None) -> dict:
+    return opd_run(str(config), run_dir=run_dir, iterations=iterations)
+
+
+@flow(name="opd-resume", log_prints=True)
+def resume_run(run_dir: str, iterations: int | None = None) -> dict:
+    """Continue the run stored in run_dir/run.yaml."""
+    ctx = RunContext.load(run_dir)
+    return run_config(ctx.raw, run_dir, iterations)
+
+
+if __name__ == "__main__":
+    import sys
+    opd_run(sys.argv[1], *(sys.argv[2:3]))

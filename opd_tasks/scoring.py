@@ -1,0 +1,159 @@
+"""Scoring stage: every teacher (and the reference for G-OPD) scores every sampled token.
+
+    run_scoring(ctx, iteration)   # rollout/part-k.parquet -> scored/part-k.parquet (+ manifest)
+    score_table(table, scorers, ...)  # the same on any rollout-shaped table (offline `opd score`)
+    recombine(table, weights, mode, ...)  # new combined teacher_logp from stored per-teacher columns
+
+Scored part k is made from rollout part k, so an interrupted stage resumes at the first missing
+part. Teachers are loaded once per process and kept across iterations (they do not change).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from opd_tasks.combine import combine
+from opd_tasks.config import RunConfig
+from opd_tasks.context import RunContext
+from opd_tasks.engines.base import Scorer
+from opd_tasks.errors import OpdError, ShardError
+from opd_tasks.stages import StageResult
+from opd_tasks.tokenizers import check_same_tokenizer
+from storage.manifest import read_manifest
+from storage.shards import (TEACHER_PREFIX, build_provenance, commit_parts, finished_parts, read_part, scored_table,
+                            write_part)
+
+log = logging.getLogger("opd.scoring")
+REF = "__ref__"
+
+
+def _lists(table: pa.Table, column: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per-row numpy views of a list column plus its flat values."""
+    col = table.column(column).combine_chunks()
+    flat = col.values.to_numpy(zero_copy_only=False)
+    offs = col.offsets.to_numpy()
+    return [flat[offs[i]:offs[i + 1]] for i in range(len(col))], flat
+
+
+def score_table(table: pa.Table, scorers: Mapping[str, Scorer], cfg: RunConfig, with_ref: bool) -> pa.Table:
+    """Rollout-shaped table -> scored table: teacher_logp.NAME for each teacher, the combination,
+    and ref_logp when `with_ref` (scorers[REF] is the reference)."""
+    prompts, _ = _lists(table, "prompt_ids")
+    responses, _ = _lists(table, "response_ids")
+    per_teacher: dict[str, list[np.ndarray]] = {}
+    for name, scorer in scorers.items():
+        if name == REF and not with_ref:
+            continue
+        out = scorer.score(prompts, responses)
+        for i, (lp, r) in enumerate(zip(out, responses)):
+            if len(lp) != len(r) or not np.isfinite(lp).all():
+                who = "reference" if name == REF else f"teacher {name!r}"
+                raise ShardError(f"{who} returned {'non-finite' if len(lp) == len(r) else 'misaligned'} "
+                                 f"log-probs for sample {table.column('sample_id')[i].as_py()!r}; check that "
+                                 f"model's weights and dtype (NaN/inf usually means overflow in float16)")
+        per_teacher[name] = out
+    names = [t.name for t in cfg.teachers]
+    flat = {n: np.concatenate(per_teacher[n]) if per_teacher[n] else np.zeros(0, np.float32) for n in names}
+    lengths = np.array([len(r) for r in responses], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    combined = combine(cfg.combination, flat, {t.name: t.weight for t in cfg.teachers},
+                       domain_to_teacher={t.domain: t.name for t in cfg.teachers if t.domain},
+                       sample_domain=table.column("domain").to_pylist(), offsets=offsets)
+    ref = (np.concatenate(per_teacher[REF]), offsets) if with_ref else None
+    base = table.drop_columns([c for c in table.column_names if c.startswith(TEACHER_PREFIX)
+                               or c in ("teacher_logp", "ref_logp")])
+    return scored_table(base, {n: (flat[n], offsets) for n in names}, (combined, offsets), ref)
+
+
+def recombine(table: pa.Table, cfg: RunConfig) -> pa.Table:
+    """Rewrite the combined teacher_logp from the stored teacher_logp.NAME columns with cfg's
+    teachers (weights, domains) and combination mode, without any model."""
+    names = [t.name for t in cfg.teachers]
+    missing = [TEACHER_PREFIX + n for n in names if TEACHER_PREFIX + n not in table.column_names]
+    if missing:
+        raise ShardError(f"cannot recombine: the shard has no column(s) {missing}; teachers that were not "
+                         f"scored must be scored first (`opd score`)")
+    cols = {n: table.column(TEACHER_PREFIX + n).combine_chunks() for n in names}
+    offsets = cols[names[0]].offsets.to_numpy()
+    flat = {n: c.values.to_numpy(zero_copy_only=False) for n, c in cols.items()}
+    combined = combine(cfg.combination, flat, {t.name: t.weight for t in cfg.teachers},
+                       domain_to_teacher={t.domain: t.name for t in cfg.teachers if t.domain},
+                       sample_domain=table.column("domain").to_pylist(), offsets=offsets)
+    i = table.column_names.index("teacher_logp")
+    return table.set_column(i, table.schema.field(i), pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                                                               pa.array(combined, pa.float32())))
+
+
+def teacher_provenance(cfg: RunConfig) -> list[dict]:
+    return [{"name": t.name, "path": t.path, "weight": t.weight, "domain": t.domain} for t in cfg.teachers]
+
+
+def check_tokenizers(cfg: RunConfig, student: str, with_ref: bool, ref_path: str) -> str:
+    fp = None
+    for t in cfg.teachers:
+        fp = check_same_tokenizer(student, t.path, f"teacher {t.name!r}")
+    if with_ref:
+        fp = check_same_tokenizer(student, ref_path, "reference")
+    return fp
+
+
+_SCORERS: dict[tuple, Scorer] = {}
+
+
+def get_scorers(cfg: RunConfig, with_ref: bool, ref_path: str) -> dict[str, Scorer]:
+    """Teachers (and the reference) loaded once per process; scoring.engine picks the backend."""
+    from opd_tasks.engines import make_scorer
+    s = cfg.scoring
+    wanted = [(t.name, t.path, t.dtype, t.trust_remote_code, t.url) for t in cfg.teachers]
+    if with_ref:
+        r = cfg.reference or cfg.student
+        wanted.append((REF, ref_path, r.dtype, r.trust_remote_code, None))
+    out = {}
+    for name, path, dtype, trc, url in wanted:
+        key = (s.engine, path, dtype, url)
+        if key not in _SCORERS:
+            _SCORERS[key] = make_scorer(s.engine, path, dtype=dtype, token_budget=s.token_budget, vllm=s.vllm,
+                                        url=url, max_concurrency=s.max_concurrency, trust_remote_code=trc)
+        out[name] = _SCORERS[key]
+    return out
+
+
+def run_scoring(ctx: RunContext, iteration: int) -> StageResult:
+    """Write the scored stage of `iteration` from its rollout stage (finished parts are kept)."""
+    fs = ctx.layout.fs
+    src, stage = ctx.stage_dir(iteration, "rollout"), ctx.stage_dir(iteration, "scored")
+    t0 = time.perf_counter()
+    if (m := read_manifest(fs, stage)) is not None:
+        return StageResult(stage="scored", iteration=iteration, rows=m.rows, skipped=True)
+    rollout = read_manifest(fs, src)
+    if rollout is None:
+        raise OpdError(f"{ctx.layout.url_of(src)}: the rollout stage is not complete; run it first (opd resume)")
+    cfg, with_ref = ctx.cfg, ctx.cfg.needs_reference
+    student = ctx.student_path(iteration)
+    done = finished_parts(fs, stage, expect={"config_hash": ctx.config_hash})
+    todo = [(int(p.name[5:10]), p) for p in rollout.parts if int(p.name[5:10]) not in done]
+    tokens = 0
+    if todo:
+        fingerprint = check_tokenizers(cfg, student, with_ref, ctx.reference_path)
+        scorers = get_scorers(cfg, with_ref, ctx.reference_path)
+        prov = build_provenance("scored", iteration=iteration, config_hash=ctx.config_hash,
+                                teachers=teacher_provenance(cfg), combination=cfg.combination,
+                                tokenizer_path=student, tokenizer_fingerprint=fingerprint,
+                                student_checkpoint=student, reference=ctx.reference_path if with_ref else None,
+                                engine=cfg.scoring.engine)
+        for k, part in todo:
+            table = score_table(read_part(fs, src, part), scorers, cfg, with_ref)
+            tokens += int(pc.sum(pc.list_value_length(table.column("response_ids"))).as_py() or 0)
+            done[k] = write_part(fs, stage, k, table, prov)
+            log.info("scored iter %d part %s: %d samples x %d teachers", iteration, part.name, table.num_rows,
+                     len(cfg.teachers) + with_ref)
+    m = commit_parts(fs, stage, "scored", done, ctx.config_hash,
+                     inputs={"rollout": ctx.layout.url_of(src), "teachers": teacher_provenance(cfg),
+                             "reference": ctx.reference_path if with_ref else None})
+    return StageResult(stage="scored", iteration=iteration, rows=m.rows, seconds=time.perf_counter() - t0,
+                       tokens=tokens)

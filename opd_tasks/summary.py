@@ -1,0 +1,43 @@
+"""One line per iteration for metrics.jsonl and the Prefect artifact: stage timings, train loss and
+KL per teacher, rewards, per-domain accuracy. Read from the stages' own files, so it can be rebuilt."""
+from __future__ import annotations
+
+import posixpath
+
+from opd_tasks.context import RunContext
+from opd_tasks.stages import StageResult
+from storage.fs import append_jsonl, exists, read_json, read_jsonl
+
+
+def _stage_json(ctx: RunContext, iteration: int, stage: str) -> dict:
+    path = posixpath.join(ctx.stage_dir(iteration, stage), "metrics.json")
+    return read_json(ctx.layout.fs, path) if exists(ctx.layout.fs, path) else {}
+
+
+def iteration_summary(ctx: RunContext, iteration: int, stages: dict[str, StageResult]) -> dict:
+    train, ev = _stage_json(ctx, iteration, "train"), _stage_json(ctx, iteration, "eval")
+    t = train.get("summary", train)
+    row = {"iteration": iteration,
+           "loss": t.get("loss"), "reward_mean": t.get("reward_mean"),
+           "kl": {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("kl_k1/")} or None,
+           "kl_combined": t.get("kl_k1"),
+           "verifier_reward": t.get("verifier_reward_mean"),
+           "accuracy": ev.get("accuracy"),
+           "seconds": {k: round(s.seconds, 3) for k, s in stages.items() if not s.skipped},
+           "tokens_per_s": {k: round(s.tokens_per_s, 1) for k, s in stages.items() if not s.skipped and s.tokens}}
+    return row
+
+
+def record_iteration(ctx: RunContext, row: dict) -> bool:
+    """Append the row to metrics.jsonl unless this iteration is already there (resume-safe)."""
+    fs, path = ctx.layout.fs, ctx.layout.metrics_jsonl
+    seen = {r.get("iteration") for r in read_jsonl(fs, path)} if exists(fs, path) else set()
+    if row["iteration"] in seen:
+        return False
+    append_jsonl(fs, path, row)
+    return True
+
+
+def read_metrics(ctx: RunContext) -> list[dict]:
+    fs, path = ctx.layout.fs, ctx.layout.metrics_jsonl
+    return read_jsonl(fs, path) if exists(fs, path) else []
