@@ -1,0 +1,51 @@
+"""Generation and scoring backends behind one small interface (base.py): hf, vllm, remote.
+
+    gen = make_generator("hf", "models/student", token_budget=16384)
+    scorer = make_scorer(cfg.scoring.engine, teacher.path, dtype=teacher.dtype)
+
+Backends are imported only when asked for, so importing this package pulls in neither torch
+nor vllm.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from opd_tasks.errors import OpdError
+
+KINDS = ("hf", "vllm", "remote")
+_CLASSES = {
+    ("hf", "generator"): ("opd_tasks.engines.hf", "HFGenerator"),
+    ("hf", "scorer"): ("opd_tasks.engines.hf", "HFScorer"),
+    ("vllm", "generator"): ("opd_tasks.engines.vllm", "VLLMGenerator"),
+    ("vllm", "scorer"): ("opd_tasks.engines.vllm", "VLLMScorer"),
+    ("remote", "generator"): ("opd_tasks.engines.remote", "RemoteGenerator"),
+    ("remote", "scorer"): ("opd_tasks.engines.remote", "RemoteScorer"),
+}
+
+
+class EngineInputError(OpdError):
+    """Input an engine cannot run on: token ids outside the vocabulary, empty prompts, bad options."""
+
+
+def make_generator(kind: str, model_path: str, **opts: Any):
+    """A Generator of the given kind (hf / vllm / remote) for the model at model_path."""
+    return _engine_class(kind, "generator")(model_path, **opts)
+
+
+def make_scorer(kind: str, model_path: str, **opts: Any):
+    """A Scorer of the given kind (hf / vllm / remote) for the model at model_path."""
+    return _engine_class(kind, "scorer")(model_path, **opts)
+
+
+def _engine_class(kind: str, role: str):
+    if kind not in KINDS:
+        raise EngineInputError(f"engine {kind!r} is not one of {KINDS}; fix rollout.engine / scoring.engine")
+    module, name = _CLASSES[(kind, role)]
+    try:
+        return getattr(import_module(module), name)
+    except ImportError as err:
+        hint = " (vllm lives in its own virtualenv, .venv-vllm; see the Makefile)" if kind == "vllm" else ""
+        raise EngineInputError(f"engine {kind!r} is not available here: {err}{hint}") from None
+    except AttributeError:
+        raise EngineInputError(f"engine {kind!r}: {module} has no {name}") from None
