@@ -1,10 +1,14 @@
 """Generation and scoring backends behind one small interface (base.py): hf, vllm, remote.
 
     gen = make_generator("hf", "models/student", token_budget=16384)
-    scorer = make_scorer(cfg.scoring.engine, teacher.path, dtype=teacher.dtype)
+    scorer = make_scorer(cfg.scoring.engine, teacher.path, dtype=teacher.dtype,
+                         token_budget=cfg.scoring.token_budget, vllm=cfg.scoring.vllm,
+                         url=teacher.url, max_concurrency=cfg.scoring.max_concurrency)
 
-Backends are imported only when asked for, so importing this package pulls in neither torch
-nor vllm.
+Callers may pass every config-level option (COMMON_OPTS) whatever the kind: each kind keeps
+the ones it uses and drops the rest (hf ignores url/vllm, vllm expands its `vllm` dict into
+vllm.LLM kwargs, ...). Any other keyword goes to the engine as is, so a typo still fails.
+Backends are imported only when asked for: importing this package pulls in neither torch nor vllm.
 """
 from __future__ import annotations
 
@@ -24,18 +28,25 @@ _CLASSES = {
 }
 
 
+COMMON_OPTS = {"dtype", "device", "token_budget", "trust_remote_code", "progress", "seed", "vllm", "url",
+               "max_concurrency"}
+_USES = {"hf": {"dtype", "device", "token_budget", "trust_remote_code", "progress"},
+         "vllm": {"dtype", "seed"},
+         "remote": {"url", "max_concurrency"}}
+
+
 class EngineInputError(OpdError):
     """Input an engine cannot run on: token ids outside the vocabulary, empty prompts, bad options."""
 
 
 def make_generator(kind: str, model_path: str, **opts: Any):
     """A Generator of the given kind (hf / vllm / remote) for the model at model_path."""
-    return _engine_class(kind, "generator")(model_path, **opts)
+    return _engine_class(kind, "generator")(model_path, **_opts_for(kind, opts))
 
 
 def make_scorer(kind: str, model_path: str, **opts: Any):
     """A Scorer of the given kind (hf / vllm / remote) for the model at model_path."""
-    return _engine_class(kind, "scorer")(model_path, **opts)
+    return _engine_class(kind, "scorer")(model_path, **_opts_for(kind, opts))
 
 
 def _engine_class(kind: str, role: str):
@@ -49,3 +60,13 @@ def _engine_class(kind: str, role: str):
         raise EngineInputError(f"engine {kind!r} is not available here: {err}{hint}") from None
     except AttributeError:
         raise EngineInputError(f"engine {kind!r}: {module} has no {name}") from None
+
+
+def _opts_for(kind: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """The options engine `kind` takes, out of config-level ones meant for any engine."""
+    out = {k: v for k, v in opts.items() if k not in COMMON_OPTS or k in _USES.get(kind, ())}
+    if kind == "vllm":
+        out.update(opts.get("vllm") or {})  # tensor_parallel_size, max_model_len, ... -> vllm.LLM
+        if opts.get("trust_remote_code"):
+            out["trust_remote_code"] = True
+    return out

@@ -229,3 +229,13 @@ def test_progress_bar_reports_tokens(tiny, capsys):
     s = HFScorer(tiny, progress=True)
     s.score([[1, 2, 3]], [[4, 5]])
     assert s.last_stats["tokens"] == 5 and s.last_stats["tokens_per_s"] > 0
+
+
+def test_factory_keeps_the_options_each_kind_uses():
+    from opd_tasks.engines import _opts_for
+
+    opts = dict(dtype="bfloat16", token_budget=99, vllm={"max_model_len": 64}, url=None, max_concurrency=8,
+                trust_remote_code=True, extra=1)
+    assert _opts_for("hf", opts) == dict(dtype="bfloat16", token_budget=99, trust_remote_code=True, extra=1)
+    assert _opts_for("vllm", opts) == dict(dtype="bfloat16", max_model_len=64, trust_remote_code=True, extra=1)
+    assert _opts_for("remote", opts) == dict(url=None, max_concurrency=8, extra=1)
