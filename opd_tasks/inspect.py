@@ -1,0 +1,375 @@
+"""`opd status` and `opd inspect`: how far did a run get, and where did teachers and student disagree?
+
+    status_report("runs/demo")                     # per iteration: stage done/partial/missing, checkpoints
+    inspect_report("runs/demo", iteration=3)       # per teacher: mean log-prob, KL estimates, mixture share
+    inspect_report("runs/demo", sample="3-p7-1")   # ... plus that sample token by token
+
+Per response token t of a sample (ALGORITHMS.md notation): b = behaviour_logp (the student that
+sampled), T^k = teacher_logp.NAME, T = teacher_logp (combined). With d = b - T^k:
+  k1 = d, k3 = exp(-d) + d - 1 (>= 0); their means over tokens estimate KL(student || teacher) per
+  token (k1 unbiased, k3 lower variance). Mixture share of teacher k = mean over tokens of
+  w_k p_k / sum_j w_j p_j (weights from provenance): how much of the mixture teacher k carries.
+Disagreement of a token = |b - T|; a sample's is the mean over its tokens. Rows without
+behaviour_logp (offline data) count for teacher means but not for KL or disagreement.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import yaml
+
+from opd_tasks.errors import LayoutError, OpdError
+from storage.checkpoints import checkpoint_status, latest_checkpoint
+from storage.fs import exists, filesystem, read_bytes
+from storage.layout import STAGES, OFFLINE_STAGES, RunLayout
+from storage.manifest import MANIFEST_NAME, read_manifest, stage_status, stray_files
+from storage.shards import PROVENANCE_KEY, read_stage, teacher_columns
+
+CONTEXT_TOKENS = 8
+
+
+def _f(x: Any, nd: int = 6) -> float | None:
+    """JSON-safe float (None for NaN/inf/missing)."""
+    if x is None:
+        return None
+    x = float(x)
+    return round(x, nd) if math.isfinite(x) else None
+
+
+# ---- status ------------------------------------------------------------------------------------------
+
+def status_report(run_dir: str, storage_options: dict | None = None) -> dict:
+    """{"run_dir", "name", "iterations_planned", "iterations": [{"iteration": N, "stages": {stage:
+    "done"|"partial"|"missing"}, "rows": {...}, "stray": {...}, "checkpoint": status}],
+    "latest_checkpoint": {"iteration", "path"} | None, "offline": {stage: status} | None}."""
+    layout = RunLayout(run_dir, storage_options)
+    fs = layout.fs
+    if not layout.exists():
+        raise LayoutError(f"{run_dir}: no run here (missing or empty directory); start one with `opd run`")
+    cfg = {}
+    if exists(fs, layout.run_yaml):
+        try:
+            cfg = yaml.safe_load(read_bytes(fs, layout.run_yaml)) or {}
+        except yaml.YAMLError as err:
+            raise OpdError(f"{layout.url_of(layout.run_yaml)}: not valid YAML ({err})") from None
+    iterations = []
+    for n in sorted(set(layout.iterations()) | set(layout.checkpoint_iterations())):
+        entry: dict[str, Any] = {"iteration": n, "stages": {}, "rows": {}, "stray": {}}
+        for stage in STAGES:
+            d = layout.stage_dir(n, stage)
+            entry["stages"][stage] = stage_status(fs, d)
+            if entry["stages"][stage] == "done" and stage in ("rollout", "scored"):
+                entry["rows"][stage] = read_manifest(fs, d).rows
+            stray = stray_files(fs, d) if entry["stages"][stage] != "missing" else []
+            if stray:
+                entry["stray"][stage] = stray
+        entry["checkpoint"] = checkpoint_status(layout, n)
+        iterations.append(entry)
+    latest = latest_checkpoint(layout)
+    offline = {s: stage_status(fs, layout.offline_dir(s)) for s in OFFLINE_STAGES}
+    return {
+        "run_dir": layout.url,
+        "name": cfg.get("name") if isinstance(cfg, dict) else None,
+        "iterations_planned": cfg.get("iterations") if isinstance(cfg, dict) else None,
+        "iterations": iterations,
+        "latest_checkpoint": {"iteration": latest[0], "path": layout.url_of(latest[1])} if latest else None,
+        "offline": offline if any(v != "missing" for v in offline.values()) else None,
+    }
+
+
+# ---- inspect: finding the stage ----------------------------------------------------------------------
+
+def _find_scored(run_dir: str, iteration: int | None, offline: bool, storage_options: dict | None):
+    """(fs, stage_dir, iteration or None) of the scored stage to inspect."""
+    fs, root = filesystem(run_dir, storage_options)
+    if exists(fs, f"{root}/{MANIFEST_NAME}"):
+        return fs, root, None  # a stage directory itself (e.g. the output of `opd score`)
+    layout = RunLayout(run_dir, storage_options)
+    if offline:
+        return fs, layout.offline_dir("scored"), None
+    if not layout.iterations() and exists(fs, layout.join("scored", MANIFEST_NAME)):
+        return fs, layout.join("scored"), None
+    if iteration is None:
+        done = [n for n in layout.iterations() if stage_status(fs, layout.stage_dir(n, "scored")) == "done"]
+        if not done:
+            raise OpdError(f"{run_dir}: no iteration has a finished scored stage yet (see `opd status {run_dir}`)")
+        iteration = done[-1]
+    return fs, layout.stage_dir(iteration, "scored"), iteration
+
+
+# ---- inspect: the numbers (pure functions of a scored table) -----------------------------------------
+
+def _flat(table: pa.Table, name: str, token_valid: np.ndarray | None = None) -> np.ndarray:
+    """A log-prob list column as float64 [N_tokens]; null rows (with token_valid) become NaN."""
+    vals = pc.list_flatten(table.column(name)).to_numpy().astype(np.float64)
+    if token_valid is None or token_valid.all():
+        return vals
+    out = np.full(token_valid.shape, np.nan)
+    out[token_valid] = vals
+    return out
+
+
+def kl_estimates(b: np.ndarray, t: np.ndarray) -> tuple[float, float]:
+    """Token means of k1 = b - t and k3 = exp(t - b) - (t - b) - 1 over finite entries. b, t: [N]."""
+    ok = np.isfinite(b) & np.isfinite(t)
+    if not ok.any():
+        return math.nan, math.nan
+    r = t[ok] - b[ok]
+    return float(np.mean(-r)), float(np.mean(np.expm1(r) - r))
+
+
+def mixture_share(teacher_logp: dict[str, np.ndarray], weights: dict[str, float]) -> dict[str, float]:
+    """Per teacher, the token mean of the posterior w_k p_k / sum_j w_j p_j (weights normalized)."""
+    names = list(teacher_logp)
+    w = np.array([max(float(weights.get(k, 1.0)), 0.0) for k in names])
+    w = w / w.sum() if w.sum() > 0 else np.full(len(names), 1.0 / len(names))
+    with np.errstate(divide="ignore"):
+        logits = np.stack([teacher_logp[k] for k in names]) + np.log(w)[:, None]  # [K, N]
+    if logits.shape[1] == 0:
+        return {k: math.nan for k in names}
+    m = logits.max(0)
+    post = np.exp(logits - m)
+    post /= post.sum(0)
+    return {k: float(post[i].mean()) for i, k in enumerate(names)}
+
+
+def _stats(x: np.ndarray) -> dict:
+    x = x[np.isfinite(x)] if x.dtype.kind == "f" else x
+    if x.size == 0:
+        return {"count": 0, "mean": None, "std": None, "min": None, "max": None}
+    return {"count": int(x.size), "mean": _f(x.mean()), "std": _f(x.std()), "min": _f(x.min()), "max": _f(x.max())}
+
+
+def analyze(table: pa.Table, provenance: dict, top: int = 5, sample: str | None = None,
+            decode: Callable[[list[int]], str | None] = lambda ids: None) -> dict:
+    """The inspect report of a scored table (see the module docstring); JSON-able."""
+    teachers = teacher_columns(table.column_names)
+    if not teachers or "teacher_logp" not in table.column_names:
+        raise OpdError("inspect needs a scored stage (teacher_logp columns); this stage has "
+                       f"{table.column_names}")
+    n = table.num_rows
+    resp_len = pc.list_value_length(table.column("response_ids")).to_numpy().astype(np.int64)
+    prompt_len = pc.list_value_length(table.column("prompt_ids")).to_numpy().astype(np.int64)
+    row_of = np.repeat(np.arange(n), resp_len)                         # [N_tokens]
+    pos_of = np.arange(row_of.size) - np.repeat(np.cumsum(resp_len) - resp_len, resp_len)
+    has_b = ~pc.is_null(table.column("behaviour_logp")).to_numpy(zero_copy_only=False)
+    b = _flat(table, "behaviour_logp", np.repeat(has_b, resp_len))
+    t = _flat(table, "teacher_logp")
+    tk = {k: _flat(table, "teacher_logp." + k) for k in teachers}
+    weights = {x["name"]: x.get("weight", 1.0) for x in provenance.get("teachers", []) if isinstance(x, dict)}
+    share = mixture_share(tk, weights)
+    per_teacher = []
+    for k in teachers:
+        k1, k3 = kl_estimates(b, tk[k])
+        per_teacher.append({"teacher": k, "weight": weights.get(k), "mean_logp": _f(tk[k].mean() if tk[k].size else None),
+                            "kl_k1": _f(k1), "kl_k3": _f(k3), "mixture_share": _f(share[k])})
+    k1, k3 = kl_estimates(b, t)
+    combined = {"teacher": "combined", "mode": provenance.get("combination"), "mean_logp": _f(np.mean(t) if t.size else None),
+                "kl_k1": _f(k1), "kl_k3": _f(k3)}
+    extra = {}
+    if "ref_logp" in table.column_names:
+        r = _flat(table, "ref_logp")
+        extra["reference"] = {"mean_logp": _f(r.mean() if r.size else None), "kl_k1": _f(kl_estimates(b, r)[0]),
+                              "kl_k3": _f(kl_estimates(b, r)[1])}
+    diff = b - t                                                        # [N_tokens], NaN without b
+    absd = np.abs(diff)
+    sums = np.bincount(row_of, weights=np.nan_to_num(absd), minlength=n)
+    counts = np.bincount(row_of, weights=np.isfinite(absd), minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_sample = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    col = {c: table.column(c).to_pylist() for c in ("sample_id", "prompt_id", "domain", "finish_reason", "reward")}
+    resp_ids = table.column("response_ids")
+    report = {
+        "samples": n, "tokens": int(resp_len.sum()),
+        "student": {"mean_behaviour_logp": _f(np.nanmean(b) if np.isfinite(b).any() else None)},
+        "teachers": per_teacher, "combined": combined, **extra,
+        "rewards": {**_stats(pc.drop_null(table.column("reward")).to_numpy().astype(np.float64)),
+                    "missing": int(table.column("reward").null_count)},
+        "lengths": {"prompt": _stats(prompt_len), "response": _stats(resp_len),
+                    "finish_reason": dict(Counter(col["finish_reason"]))},
+        "domains": _per_domain(col["domain"], col["reward"], resp_len, sums, counts),
+        "top_samples": [], "top_tokens": [],
+    }
+    order = np.argsort(-np.nan_to_num(per_sample, nan=-1.0), kind="stable")[:top]
+    for i in order:
+        if not np.isfinite(per_sample[i]):
+            break
+        ids = resp_ids[int(i)].as_py()
+        report["top_samples"].append({"sample_id": col["sample_id"][i], "prompt_id": col["prompt_id"][i],
+                                      "domain": col["domain"][i], "reward": _f(col["reward"][i]),
+                                      "response_len": int(resp_len[i]), "mean_abs_diff": _f(per_sample[i]),
+                                      "response": decode(ids)})
+    tok_order = np.argsort(-np.nan_to_num(absd, nan=-1.0), kind="stable")[:top]
+    for j in tok_order:
+        if not np.isfinite(absd[j]):
+            break
+        i, p = int(row_of[j]), int(pos_of[j])
+        ids = resp_ids[i].as_py()
+        report["top_tokens"].append({"sample_id": col["sample_id"][i], "position": p, "token_id": ids[p],
+                                     "token": decode([ids[p]]), "context": decode(ids[max(0, p - CONTEXT_TOKENS):p]),
+                                     "behaviour_logp": _f(b[j]), "teacher_logp": _f(t[j]),
+                                     "teachers": {k: _f(tk[k][j]) for k in teachers}, "diff": _f(diff[j])})
+    if sample is not None:
+        report["sample"] = _sample_view(table, sample, col, b, t, tk, row_of, decode)
+    return report
+
+
+def _per_domain(domains: list, rewards: list, resp_len: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> list:
+    out = []
+    for d in sorted({x for x in domains}, key=lambda x: (x is None, str(x))):
+        idx = np.array([i for i, x in enumerate(domains) if x == d])
+        r = np.array([rewards[i] for i in idx if rewards[i] is not None], dtype=np.float64)
+        c = counts[idx].sum()
+        out.append({"domain": d, "samples": int(idx.size), "tokens": int(resp_len[idx].sum()),
+                    "mean_reward": _f(r.mean() if r.size else None),
+                    "mean_abs_diff": _f(sums[idx].sum() / c if c else None)})
+    return out
+
+
+def _sample_view(table, sample, col, b, t, tk, row_of, decode) -> dict:
+    try:
+        i = col["sample_id"].index(sample)
+    except ValueError:
+        raise OpdError(f"sample_id {sample!r} is not in this stage; e.g. {col['sample_id'][:3]} "
+                       f"(the top_samples list shows more)") from None
+    ids = table.column("response_ids")[i].as_py()
+    prompt = table.column("prompt_ids")[i].as_py()
+    js = np.flatnonzero(row_of == i)
+    ref = _flat(table, "ref_logp")[js] if "ref_logp" in table.column_names else None
+    tokens = []
+    for p, j in enumerate(js):
+        tokens.append({"position": p, "token_id": ids[p], "token": decode([ids[p]]), "behaviour_logp": _f(b[j]),
+                       "teacher_logp": _f(t[j]), "teachers": {k: _f(v[j]) for k, v in tk.items()},
+                       **({"ref_logp": _f(ref[p])} if ref is not None else {}), "diff": _f(b[j] - t[j])})
+    return {"sample_id": sample, "prompt_id": col["prompt_id"][i], "domain": col["domain"][i],
+            "reward": _f(col["reward"][i]), "finish_reason": col["finish_reason"][i], "prompt_ids": prompt,
+            "prompt": decode(prompt), "response": decode(ids), "tokens": tokens}
+
+
+def _decoder(tokenizer_path: str | None) -> tuple[Callable[[list[int]], str | None], str]:
+    """(decode ids -> text or None, note). Falls back to None (ids shown) when unavailable."""
+    if not tokenizer_path:
+        return (lambda ids: None), "no tokenizer_path in the shard provenance: showing token ids"
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    except Exception as err:  # noqa: BLE001 - any failure to load means: show ids
+        return (lambda ids: None), f"tokenizer {tokenizer_path!r} unavailable ({type(err).__name__}): showing ids"
+    return (lambda ids: tok.decode(ids, skip_special_tokens=False)), f"decoded with {tokenizer_path}"
+
+
+def inspect_report(run_dir: str, iteration: int | None = None, sample: str | None = None, top: int = 5,
+                   offline: bool = False, storage_options: dict | None = None) -> dict:
+    """Where teachers and student disagreed in one scored stage (default: the latest done one).
+    run_dir may also be a scored stage directory itself (holding _MANIFEST.json)."""
+    fs, stage_dir, it = _find_scored(run_dir, iteration, offline, storage_options)
+    table = read_stage(fs, stage_dir)
+    prov = json.loads((table.schema.metadata or {}).get(PROVENANCE_KEY, b"{}"))
+    decode, note = _decoder(prov.get("tokenizer_path"))
+    manifest = read_manifest(fs, stage_dir)
+    report = {"stage_dir": stage_dir, "iteration": it if it is not None else prov.get("iteration"),
+              "tokenizer": note, "provenance": prov, "stage_extra": manifest.extra if manifest else {}}
+    report.update(analyze(table, prov, top=top, sample=sample, decode=decode))
+    return report
+
+
+# ---- rendering (rich) ---------------------------------------------------------------------------------
+
+_COLOR = {"done": "green", "partial": "yellow", "missing": "dim"}
+
+
+def _console(console=None):
+    from rich.console import Console
+
+    return console or Console()
+
+
+def render_status(report: dict, console=None) -> None:
+    """The status report as a table: one row per iteration, one column per stage + checkpoint."""
+    from rich.table import Table
+
+    con = _console(console)
+    planned = report.get("iterations_planned")
+    title = f"run {report.get('name') or ''} at {report['run_dir']}" + (f" ({planned} iterations planned)" if planned else "")
+    tab = Table(title=title)
+    for c in ("iteration", *STAGES, "checkpoint", "rows (rollout/scored)", "stray files"):
+        tab.add_column(c)
+    for it in report["iterations"]:
+        cells = [f"[{_COLOR[v]}]{v}[/]" for v in (*(it["stages"][s] for s in STAGES), it["checkpoint"])]
+        rows = "/".join(str(it["rows"].get(s, "-")) for s in ("rollout", "scored"))
+        stray = ", ".join(f"{s}: {len(v)}" for s, v in it["stray"].items())
+        tab.add_row(str(it["iteration"]), *cells, rows, stray)
+    con.print(tab)
+    latest = report.get("latest_checkpoint")
+    con.print(f"latest checkpoint: iteration {latest['iteration']} at {latest['path']}" if latest
+              else "latest checkpoint: none (iteration 0 rolls out from the initial student)")
+    if report.get("offline"):
+        con.print("offline: " + ", ".join(f"{s} {v}" for s, v in report["offline"].items()))
+
+
+def _fmt(x: Any) -> str:
+    return "-" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
+
+
+def _tok(text: str | None, token_id: int) -> str:
+    return repr(text) if text is not None else f"#{token_id}"
+
+
+def render_inspect(report: dict, console=None) -> None:
+    """The inspect report as tables: teachers, rewards/lengths, top samples, top tokens, one sample."""
+    from rich.table import Table
+
+    con = _console(console)
+    con.print(f"[bold]{report['stage_dir']}[/] iteration {report.get('iteration')}: {report['samples']} samples, "
+              f"{report['tokens']} response tokens; {report['tokenizer']}")
+    tab = Table(title="teachers vs student (per response token; KL(student||teacher) estimates)")
+    for c in ("teacher", "weight", "mean log-prob", "KL k1", "KL k3", "mixture share"):
+        tab.add_column(c, justify="right")
+    for r in report["teachers"] + [report["combined"]] + ([dict(report["reference"], teacher="reference")]
+                                                        if "reference" in report else []):
+        tab.add_row(r["teacher"], _fmt(r.get("weight")), _fmt(r["mean_logp"]), _fmt(r["kl_k1"]),
+                    _fmt(r["kl_k3"]), _fmt(r.get("mixture_share")))
+    con.print(tab)
+    rw, ln = report["rewards"], report["lengths"]
+    con.print(f"student mean log-prob {_fmt(report['student']['mean_behaviour_logp'])}; reward mean "
+              f"{_fmt(rw['mean'])} (n={rw['count']}, missing {rw['missing']}); response length mean "
+              f"{_fmt(ln['response']['mean'])} max {ln['response']['max']}; finish {ln['finish_reason']}")
+    tab = Table(title="per domain")
+    for c in ("domain", "samples", "tokens", "mean reward", "mean |b - T|"):
+        tab.add_column(c, justify="right")
+    for d in report["domains"]:
+        tab.add_row(str(d["domain"]), str(d["samples"]), str(d["tokens"]), _fmt(d["mean_reward"]), _fmt(d["mean_abs_diff"]))
+    con.print(tab)
+    tab = Table(title="samples with the largest teacher/student disagreement (mean |b - T| per token)")
+    for c in ("sample_id", "domain", "reward", "len", "mean |b - T|", "response"):
+        tab.add_column(c)
+    for s in report["top_samples"]:
+        tab.add_row(s["sample_id"], str(s["domain"]), _fmt(s["reward"]), str(s["response_len"]),
+                    _fmt(s["mean_abs_diff"]), s["response"] if s["response"] is not None else "(ids)")
+    con.print(tab)
+    tab = Table(title="tokens with the largest disagreement |b - T|")
+    for c in ("sample_id", "pos", "token", "context", "b", "T", "b - T"):
+        tab.add_column(c)
+    for t in report["top_tokens"]:
+        tab.add_row(t["sample_id"], str(t["position"]), _tok(t["token"], t["token_id"]),
+                    repr(t["context"]) if t["context"] is not None else "", _fmt(t["behaviour_logp"]),
+                    _fmt(t["teacher_logp"]), _fmt(t["diff"]))
+    con.print(tab)
+    s = report.get("sample")
+    if s:
+        names = list(s["tokens"][0]["teachers"]) if s["tokens"] else []
+        tab = Table(title=f"sample {s['sample_id']} (domain {s['domain']}, reward {_fmt(s['reward'])}, "
+                          f"{s['finish_reason']}); prompt: {s['prompt'] if s['prompt'] is not None else s['prompt_ids']}")
+        for c in ("pos", "token", "b", "T", *(f"T.{k}" for k in names), "b - T"):
+            tab.add_column(c, justify="right")
+        for t in s["tokens"]:
+            tab.add_row(str(t["position"]), _tok(t["token"], t["token_id"]), _fmt(t["behaviour_logp"]),
+                        _fmt(t["teacher_logp"]), *(_fmt(t["teachers"][k]) for k in names), _fmt(t["diff"]))
+        con.print(tab)
