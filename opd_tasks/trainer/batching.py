@@ -18,8 +18,6 @@ import torch
 
 from opd_tasks.trainer import TrainError
 
-# Per-token columns in response-token indexing (length == len(response_ids)).
-TOKEN_COLUMNS = ("behaviour_logp", "teacher_logp")
 TEACHER_PREFIX = "teacher_logp."
 
 
@@ -61,12 +59,17 @@ def _lists(table: pa.Table, name: str, source: str, dtype) -> tuple[list[np.ndar
     return [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])], np.diff(offsets)
 
 
-def rows_from_table(table: pa.Table, source: str, *, need_ref: bool, need_reward: bool) -> Rows:
-    """Build Rows from a scored table; errors name `source` (the scored dir), the column and the fix."""
+def rows_from_table(table: pa.Table, source: str, *, need_ref: bool = False, need_reward: bool = False,
+                    need_behaviour: bool = True) -> Rows:
+    """Build Rows from a scored table; errors name `source` (the scored dir), the column and the fix.
+
+    behaviour_logp may be null in every row (offline data) when need_behaviour is False (no TIS).
+    """
     if table.num_rows == 0:
         raise TrainError(f"{source}: the scored stage has no rows; nothing to train on "
                          f"(check the rollout and scoring stages of this iteration)")
-    required = ["prompt_id", "prompt_ids", "response_ids", *TOKEN_COLUMNS]
+    required = ["prompt_id", "prompt_ids", "response_ids", "teacher_logp"]
+    required += ["behaviour_logp"] if need_behaviour else []
     required += ["ref_logp"] if need_ref else []
     required += ["reward"] if need_reward else []
     missing = [c for c in required if c not in table.column_names]
@@ -81,7 +84,14 @@ def rows_from_table(table: pa.Table, source: str, *, need_ref: bool, need_reward
         raise TrainError(f"{source}: column 'prompt_ids' has {(plen == 0).sum()} empty rows; "
                          f"a response needs at least one prompt token before it")
     teachers = sorted(c[len(TEACHER_PREFIX):] for c in table.column_names if c.startswith(TEACHER_PREFIX))
-    names = list(TOKEN_COLUMNS) + (["ref_logp"] if need_ref else []) + [TEACHER_PREFIX + t for t in teachers]
+    names = ["teacher_logp"] + (["ref_logp"] if need_ref else []) + [TEACHER_PREFIX + t for t in teachers]
+    if "behaviour_logp" in table.column_names:
+        nulls = table.column("behaviour_logp").null_count
+        if nulls and need_behaviour:
+            raise TrainError(f"{source}: column 'behaviour_logp' is null in {nulls} rows (offline data?); "
+                             f"truncated importance sampling needs it: set loss.tis_cap: null to train without")
+        if nulls < table.num_rows:
+            names.insert(0, "behaviour_logp")
     token: dict[str, list[torch.Tensor]] = {}
     for name in names:
         vals, n = _lists(table, name, source, np.float32)

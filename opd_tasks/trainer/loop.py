@@ -141,7 +141,9 @@ def train_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ro
 
     Each mini-batch's loss is the sum of its micro-batch losses, each divided by the GLOBAL number
     of valid tokens (token_mean) or sequences (seq_mean) of the mini-batch; gradients sum over
-    ranks. Returns {"steps": [per-step metrics], "old_logp_seconds", "seconds", "tokens", ...}.
+    ranks. Returns {"steps": [per-step metrics: loss, KL estimates, ratio stats, grad_norm, tokens,
+    seconds], "step" (the global step after), "tokens_per_s" (prompt + response tokens of all ranks
+    per second of the step loop), "tokens_per_s_after_first_step", "old_logp_seconds", ...}.
     """
     rank, world = _world()
     model.train()
@@ -150,7 +152,7 @@ def train_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ro
     set_advantages(rows, params)
     t_old = time.perf_counter() - t0
     keys = _loss_keys(params, rows)
-    steps, tokens, padded = [], 0, 0
+    steps = []
     t1 = time.perf_counter()
     for epoch in range(cfg.epochs):
         for k, mini in enumerate(mini_batches(len(rows), cfg.mini_batches, cfg.seed, cfg.iteration, epoch)):
@@ -158,6 +160,7 @@ def train_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ro
             norm = float(rows.response_len[mini].sum()) if params.aggregation == "token_mean" else float(len(mini))
             norm = max(norm, 1.0)  # a mini-batch of empty responses trains nothing (loss 0)
             acc = _Metrics(params.kind)
+            counts = torch.zeros(2, dtype=torch.float64)  # input tokens, padded tokens (this rank)
             optimizer.zero_grad(set_to_none=True)
             for idx in rank_plan(mini, rows.lengths, cfg.micro_batch_tokens, rank, world):
                 mb = collate(rows, idx or [int(mini[0])])
@@ -168,23 +171,28 @@ def train_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ro
                 loss, m = compute_loss(params, _loss_batch(mb, logp, params), normalizer=norm)
                 loss.backward()
                 acc.add(m)
-                tokens += int(mb["attention_mask"].sum())
-                padded += mb["input_ids"].numel()
+                counts += torch.tensor([float(mb["attention_mask"].sum()), float(mb["input_ids"].numel())],
+                                       dtype=torch.float64)
             max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
             optimizer.step()
             step += 1
+            counts = _all_reduce(counts.to(device)).cpu().tolist()
             rec = {"step": step, "epoch": epoch, "mini_batch": k, **acc.reduce(keys, device),
-                   "grad_norm": float(gn), "seconds": time.perf_counter() - ts}
+                   "grad_norm": float(gn), "input_tokens": int(counts[0]), "padded_tokens": int(counts[1]),
+                   "seconds": time.perf_counter() - ts}
             steps.append(rec)
             if on_step is not None and rank == 0:
                 on_step(rec)
     seconds = time.perf_counter() - t1
-    counts = _all_reduce(torch.tensor([tokens, padded], dtype=torch.float64, device=device)).tolist()
-    return {"steps": steps, "step": step, "old_logp_seconds": t_old, "seconds": seconds,
-            "tokens": int(counts[0]), "padded_tokens": int(counts[1]), "world_size": world,
-            "tokens_per_s": counts[0] / seconds if seconds > 0 else 0.0, "rows": len(rows)}
+    tokens = sum(r["input_tokens"] for r in steps)
+    later = steps[1:]  # the first step pays one-time costs (lazy init, allocator, gloo buffers)
+    later_s = sum(r["seconds"] for r in later)
+    return {"steps": steps, "step": step, "old_logp_seconds": t_old, "seconds": seconds, "world_size": world,
+            "rows": len(rows), "input_tokens": tokens, "padded_tokens": sum(r["padded_tokens"] for r in steps),
+            "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            "tokens_per_s_after_first_step": (sum(r["input_tokens"] for r in later) / later_s) if later_s else None}
 
 
 def print_step(rec: dict) -> None:

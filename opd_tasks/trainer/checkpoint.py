@@ -1,0 +1,130 @@
+"""Train state with torch.distributed.checkpoint, and the HF safetensors export.
+
+A checkpoint directory (storage.checkpoints gives the names and commits the manifest):
+    dcp/             DCP: model + optimizer state (sharded, one file per rank) and "train": a JSON
+                     string of step, iteration and every rank's RNG state
+    hf/              config.json, model.safetensors, tokenizer files: from_pretrained and vLLM load it
+    _MANIFEST.json   written last: only then does the checkpoint count
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+
+# Files of an HF model directory that are weights or model config (everything else, e.g. the
+# tokenizer and chat template, is copied from the init model into the export).
+_MODEL_FILES = ("config.json", "generation_config.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def rng_states() -> list[str]:
+    """Every rank's torch RNG state (CPU, + CUDA when in use), base64 of torch.save, gathered to all ranks."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    mine = base64.b64encode(buf.getvalue()).decode()
+    _, world = _rank_world()
+    if world == 1:
+        return [mine]
+    out: list = [None] * world
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def set_rng_state(states: list[str]) -> None:
+    """Restore this rank's RNG state from rng_states() (rank r takes entry r mod len)."""
+    rank, _ = _rank_world()
+    state = torch.load(io.BytesIO(base64.b64decode(states[rank % len(states)])), weights_only=True)
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dcp_dir: str, train: dict) -> None:
+    """Collective: DCP save of {"model", "optim"} (sharded state dicts) and "train" (a JSON string of
+    step, iteration, RNG states: identical on every rank) into dcp_dir (path or URL)."""
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd, "train": json.dumps(train)}, checkpoint_id=dcp_dir)
+
+
+def load_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dcp_dir: str) -> dict:
+    """Collective: load a save_state() directory into an (already sharded) model and its optimizer;
+    returns the "train" dict. Works across world sizes (DCP reshards)."""
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd, "train": ""}
+    dcp.load(state, checkpoint_id=dcp_dir)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return json.loads(state["train"])
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Collective: the unsharded model state dict on CPU (rank 0 gets it; other ranks get {})."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts)
+
+
+def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
+    """Copy every top-level file of an HF model dir that is not weights or model config."""
+    copied = []
+    for name in sorted(os.listdir(src_dir)):
+        path = os.path.join(src_dir, name)
+        if not os.path.isfile(path) or name in _MODEL_FILES or name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        shutil.copy2(path, os.path.join(dst_dir, name))
+        copied.append(name)
+    return copied
+
+
+def save_hf(state: dict[str, torch.Tensor], config, dst_dir: str, tokenizer_dir: str,
+            dtype: torch.dtype = torch.float32) -> None:
+    """Write a complete HF model dir: config + model.safetensors (from a full state dict) + tokenizer.
+
+    state: the full state dict (full_state_dict on rank 0); config: the transformers config of the
+    model. The model is built on the meta device and takes the tensors as they are (no copy), so
+    save_pretrained handles tied weights and sharding of large files. Local dst_dir only.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    shell.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
+    shell.tie_weights()
+    os.makedirs(dst_dir, exist_ok=True)
+    shell.save_pretrained(dst_dir, safe_serialization=True)
+    copy_tokenizer_files(tokenizer_dir, dst_dir)
+
+
+def export_hf(model: torch.nn.Module, config, dst_dir: str, tokenizer_dir: str, dtype: torch.dtype,
+              put=None) -> None:
+    """Collective: gather the full weights and, on rank 0, save_hf into dst_dir.
+
+    put: None writes dst_dir on local disk; otherwise a callable(local_dir) that uploads a
+    finished local export (used for fsspec URLs).
+    """
+    state = full_state_dict(model)
+    rank, _ = _rank_world()
+    if rank == 0:
+        if put is None:
+            save_hf(state, config, dst_dir, tokenizer_dir, dtype)
+        else:
+            with tempfile.TemporaryDirectory(prefix="opd-hf-") as tmp:
+                save_hf(state, config, tmp, tokenizer_dir, dtype)
+                put(tmp)
+    if dist.is_initialized():
+        dist.barrier()

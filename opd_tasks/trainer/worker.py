@@ -1,0 +1,230 @@
+"""What one trainer process does for one iteration (called by `python -m opd_tasks.train`).
+
+read config + scored shards -> build and shard the student (HF init or previous DCP state) ->
+train_iteration -> DCP train state + HF export + checkpoint manifest -> metrics + train manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import posixpath
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from opd_tasks.config import ConfigError, RunConfig, parse_config
+from opd_tasks.losses import LossParams, annealed_w_kd
+from opd_tasks.trainer import TrainError
+from opd_tasks.trainer import checkpoint as ckpt
+from opd_tasks.trainer.batching import rows_from_table
+from opd_tasks.trainer.distributed import close_distributed, init_distributed, shard_model
+from opd_tasks.trainer.loop import LoopConfig, print_step, train_iteration
+from storage.checkpoints import commit_checkpoint
+from storage.fs import exists, filesystem, is_local, read_bytes
+from storage.manifest import MANIFEST_NAME, Manifest, commit_manifest, write_json_part
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """The trainer's inputs; every path is a local path or an fsspec URL."""
+    config: str           # resolved run config (YAML)
+    scored_dir: str       # the iteration's scored stage (manifest-verified)
+    init_checkpoint: str  # an opd checkpoint dir (dcp/ + hf/ + _MANIFEST.json) or an HF model dir
+    out_checkpoint: str   # where this iteration's checkpoint goes (replaced when incomplete)
+    train_dir: str        # the train stage dir: metrics.json, then _MANIFEST.json
+    iteration: int
+
+
+def read_config(url: str) -> RunConfig:
+    fs, path = filesystem(url)
+    if not exists(fs, path):
+        raise ConfigError(f"{url}: config file not found")
+    try:
+        data = yaml.safe_load(read_bytes(fs, path))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{url}: not valid YAML: {err}") from None
+    return parse_config(data if isinstance(data, dict) else {}, url)
+
+
+def loss_params(cfg: RunConfig, iteration: int) -> LossParams:
+    lc = cfg.loss
+    return LossParams(kind=lc.kind, lam=lc.lam, discount=lc.discount, clip_eps_low=lc.clip_eps_low,
+                      clip_eps_high=lc.clip_eps_high, tis_cap=lc.tis_cap, aggregation=lc.aggregation,
+                      w_rl=lc.w_rl, w_kd=annealed_w_kd(lc.w_kd, lc.w_kd_end, iteration, cfg.iterations),
+                      kd_estimator=lc.kd_estimator, kd_only_incorrect=lc.kd_only_incorrect)
+
+
+def rank_seed(seed: int, iteration: int, rank: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"opd-rng/{seed}/{iteration}/{rank}".encode()).digest()[:8], "little") >> 1
+
+
+@contextmanager
+def local_dir(url: str):
+    """A local directory with the contents of `url` (the path itself when local; else a temp copy)."""
+    fs, path = filesystem(url)
+    if is_local(fs):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="opd-init-") as tmp:
+        fs.get(path + "/", tmp + "/", recursive=True)
+        yield tmp
+
+
+def resolve_init(url: str) -> tuple[str, str | None]:
+    """(HF dir URL, DCP dir URL or None) of an init checkpoint (dcp/ + hf/) or an HF model dir."""
+    fs, path = filesystem(url)
+    if exists(fs, posixpath.join(path, MANIFEST_NAME)):
+        return _url(fs, posixpath.join(path, "hf")), _url(fs, posixpath.join(path, "dcp"))
+    if exists(fs, posixpath.join(path, "dcp")):
+        raise TrainError(f"{url}: checkpoint has no {MANIFEST_NAME}: the train stage that wrote it did not "
+                         f"finish; re-run that iteration's train stage first")
+    if not exists(fs, posixpath.join(path, "config.json")):
+        raise TrainError(f"{url}: neither an opd checkpoint (dcp/ + hf/ + {MANIFEST_NAME}) nor an HF model "
+                         f"directory (config.json); pass --init-checkpoint the student's HF directory or "
+                         f"the previous iteration's checkpoint")
+    return url, None
+
+
+def _url(fs, path: str) -> str:
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def load_rows(scored_dir: str, cfg: RunConfig):
+    from storage.shards import read_stage  # noqa: PLC0415 - storage.shards pulls pyarrow.dataset
+    fs, path = filesystem(scored_dir)
+    table = read_stage(fs, path)
+    return rows_from_table(table, scored_dir, need_ref=cfg.needs_reference, need_reward=cfg.loss.kind == "kdrl",
+                           need_behaviour=cfg.loss.tis_cap is not None)
+
+
+def build_model(hf_url: str, cfg: RunConfig, mesh):
+    from transformers import AutoModelForCausalLM
+    with local_dir(hf_url) as d:
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
+                                                     trust_remote_code=cfg.student.trust_remote_code)
+    model.config.use_cache = False
+    return shard_model(model, mesh, cfg.train.mixed_precision)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    t = cfg.train
+    return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+
+def _apply_hparams(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> None:
+    """The config's lr/betas/weight decay win over the ones stored with the optimizer state."""
+    for g in optimizer.param_groups:
+        g.update(lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
+
+
+def _rm_manifest(url: str) -> None:
+    fs, path = filesystem(url)
+    man = posixpath.join(path, MANIFEST_NAME)
+    if exists(fs, man):
+        fs.rm_file(man)
+
+
+def _clear(url: str) -> None:
+    """Remove an old or partial checkpoint: manifest first, so it never looks complete half-deleted."""
+    _rm_manifest(url)
+    fs, path = filesystem(url)
+    if exists(fs, path):
+        fs.rm(path, recursive=True)
+
+
+def run(args: TrainArgs) -> dict:
+    """Train one iteration on this rank; rank 0 returns (and writes) the metrics."""
+    cfg = read_config(args.config)
+    params = loss_params(cfg, args.iteration)
+    hf_url, dcp_url = resolve_init(args.init_checkpoint)
+    rows = load_rows(args.scored_dir, cfg)
+    d = init_distributed(cfg.train.device)
+    try:
+        if d.rank == 0:  # a re-run stage is not done until its new manifest is written
+            _rm_manifest(args.train_dir)
+        torch.manual_seed(rank_seed(cfg.seed, args.iteration, d.rank))
+        model = build_model(hf_url, cfg, d.mesh)
+        vocab = model.config.get_text_config().vocab_size
+        top = max(int(x.max()) for x in rows.input_ids)
+        if top >= vocab:
+            raise TrainError(f"{args.scored_dir}: token id {top} in prompt_ids/response_ids is outside the "
+                             f"student's vocabulary ({vocab}); the rollout used another tokenizer")
+        optimizer = make_optimizer(model, cfg)
+        step = 0
+        if dcp_url is not None:
+            state = ckpt.load_state(model, optimizer, dcp_url)
+            _apply_hparams(optimizer, cfg)
+            ckpt.set_rng_state(state["rng"])
+            step = int(state["step"])
+        loop = LoopConfig(epochs=cfg.train.epochs, mini_batches=cfg.train.mini_batches,
+                          micro_batch_tokens=cfg.train.micro_batch_tokens, grad_clip=cfg.train.grad_clip,
+                          seed=cfg.seed, iteration=args.iteration)
+        result = train_iteration(model, optimizer, rows, params, loop, d.device, step=step, on_step=print_step)
+        save_checkpoint(model, optimizer, args, cfg, hf_url, result["step"])
+        metrics = {"iteration": args.iteration, "w_kd": params.w_kd, "loss_kind": params.kind,
+                   "checkpoint": args.out_checkpoint, **result}
+        if d.rank == 0:
+            write_metrics(args, cfg, metrics)
+        if dist.is_initialized():
+            dist.barrier()
+        return metrics
+    finally:
+        close_distributed(d)
+
+
+class _Dir:
+    """storage.checkpoints takes a RunLayout and an iteration; this points it at an explicit directory."""
+
+    def __init__(self, url: str):
+        self.fs, self.path = filesystem(url)
+
+    def checkpoint_dir(self, n: int) -> str:
+        return self.path
+
+
+def save_checkpoint(model, optimizer, args: TrainArgs, cfg: RunConfig, hf_url: str, step: int) -> None:
+    """Collective: DCP state (+ step, RNG) and HF export, then (rank 0) the checkpoint manifest."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out = _Dir(args.out_checkpoint)
+    if rank == 0:
+        _clear(args.out_checkpoint)
+    if dist.is_initialized():
+        dist.barrier()
+    rng = ckpt.rng_states()
+    train = {"step": step, "iteration": args.iteration, "world_size": len(rng), "rng": rng}
+    ckpt.save_state(model, optimizer, _url(out.fs, posixpath.join(out.path, "dcp")), train)
+    hf = posixpath.join(out.path, "hf")
+    put = None if is_local(out.fs) else (lambda tmp: out.fs.put(tmp + "/", hf + "/", recursive=True))
+    with local_dir(hf_url) as tok_dir:
+        ckpt.export_hf(model, model.config, hf, tok_dir, DTYPES[cfg.student.dtype], put=put)
+    if rank == 0:
+        commit_checkpoint(out, args.iteration, config_hash=cfg.config_hash(),
+                          inputs={"scored": args.scored_dir, "init": args.init_checkpoint}, extra={"step": step})
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def write_metrics(args: TrainArgs, cfg: RunConfig, metrics: dict) -> None:
+    """train/metrics.json, then the train stage's manifest (last)."""
+    fs, stage = filesystem(args.train_dir)
+    info = write_json_part(fs, stage, "metrics.json", _finite(metrics))
+    commit_manifest(fs, stage, Manifest(stage="train", config_hash=cfg.config_hash(), parts=[info],
+                                        inputs={k: v for k, v in asdict(args).items() if k != "train_dir"},
+                                        extra={"step": metrics["step"]}))
+
+
+def _finite(obj):
+    """JSON-safe metrics: a nan/inf float (a diverged KL estimate) becomes None instead of failing the stage."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
