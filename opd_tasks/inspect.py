@@ -143,7 +143,8 @@ def _stats(x: np.ndarray) -> dict:
     x = x[np.isfinite(x)] if x.dtype.kind == "f" else x
     if x.size == 0:
         return {"count": 0, "mean": None, "std": None, "min": None, "max": None}
-    return {"count": int(x.size), "mean": _f(x.mean()), "std": _f(x.std()), "min": _f(x.min()), "max": _f(x.max())}
+    lo, hi = (int(x.min()), int(x.max())) if x.dtype.kind in "iu" else (_f(x.min()), _f(x.max()))
+    return {"count": int(x.size), "mean": _f(x.mean()), "std": _f(x.std()), "min": lo, "max": hi}
 
 
 def analyze(table: pa.Table, provenance: dict, top: int = 5, sample: str | None = None,
@@ -204,7 +205,7 @@ def analyze(table: pa.Table, provenance: dict, top: int = 5, sample: str | None 
         report["top_samples"].append({"sample_id": col["sample_id"][i], "prompt_id": col["prompt_id"][i],
                                       "domain": col["domain"][i], "reward": _f(col["reward"][i]),
                                       "response_len": int(resp_len[i]), "mean_abs_diff": _f(per_sample[i]),
-                                      "response": decode(ids)})
+                                      "response": decode(ids), "response_ids": ids})
     tok_order = np.argsort(-np.nan_to_num(absd, nan=-1.0), kind="stable")[:top]
     for j in tok_order:
         if not np.isfinite(absd[j]):
@@ -318,6 +319,10 @@ def _fmt(x: Any) -> str:
     return "-" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
 
 
+def _ids(ids: list[int], n: int = 24) -> str:
+    return " ".join(map(str, ids[:n])) + (" ..." if len(ids) > n else "")
+
+
 def _tok(text: str | None, token_id: int) -> str:
     return repr(text) if text is not None else f"#{token_id}"
 
@@ -352,7 +357,7 @@ def render_inspect(report: dict, console=None) -> None:
         tab.add_column(c)
     for s in report["top_samples"]:
         tab.add_row(s["sample_id"], str(s["domain"]), _fmt(s["reward"]), str(s["response_len"]),
-                    _fmt(s["mean_abs_diff"]), s["response"] if s["response"] is not None else "(ids)")
+                    _fmt(s["mean_abs_diff"]), s["response"] if s["response"] is not None else _ids(s["response_ids"]))
     con.print(tab)
     tab = Table(title="tokens with the largest disagreement |b - T|")
     for c in ("sample_id", "pos", "token", "context", "b", "T", "b - T"):
@@ -366,7 +371,7 @@ def render_inspect(report: dict, console=None) -> None:
     if s:
         names = list(s["tokens"][0]["teachers"]) if s["tokens"] else []
         tab = Table(title=f"sample {s['sample_id']} (domain {s['domain']}, reward {_fmt(s['reward'])}, "
-                          f"{s['finish_reason']}); prompt: {s['prompt'] if s['prompt'] is not None else s['prompt_ids']}")
+                          f"{s['finish_reason']}); prompt: {s['prompt'] if s['prompt'] is not None else _ids(s['prompt_ids'])}")
         for c in ("pos", "token", "b", "T", *(f"T.{k}" for k in names), "b - T"):
             tab.add_column(c, justify="right")
         for t in s["tokens"]:

@@ -92,8 +92,10 @@ def write_part(fs: fsspec.AbstractFileSystem, stage_dir: str, index: int, table:
     table = table.cast(schema)
     per_row = max(1, table.nbytes // max(1, table.num_rows))
     sink = pa.BufferOutputStream()
+    # dictionary-encode strings only: on token-id and log-prob lists it costs 5x time and ~30% size
+    strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
     pq.write_table(table, sink, row_group_size=max(1, row_group_bytes // per_row), compression="zstd",
-                   write_page_checksum=True)
+                   use_dictionary=strings, write_page_checksum=True)
     return write_file_part(fs, stage_dir, part_name(index), sink.getvalue().to_pybytes(), rows=table.num_rows)
 
 
