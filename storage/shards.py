@@ -198,6 +198,18 @@ def _same_kind(first: dict, prov: dict, path: str) -> None:
                              f"({first.get(key)!r}); one stage holds one kind of shard")
 
 
+def read_part(fs: fsspec.AbstractFileSystem, stage_dir: str, part: PartInfo,
+              columns: Sequence[str] | None = None) -> pa.Table:
+    """One part listed in a manifest, checked against its size and sha256, schema version and
+    columns (to process a stage part by part, e.g. scoring a rollout stage)."""
+    path = posixpath.join(stage_dir, part.name)
+    pf, _ = _open(read_part_verified(fs, stage_dir, part), path)
+    t = _read(pf, path, columns)
+    if part.rows is not None and t.num_rows != part.rows:
+        raise ShardError(f"{path}: {t.num_rows} rows but the manifest says {part.rows}")
+    return t
+
+
 def read_stage(fs: fsspec.AbstractFileSystem, stage_dir: str, columns: Sequence[str] | None = None) -> pa.Table:
     """Every row of a done stage, from the manifest's parts only, each checked against its size and
     sha256 first. The schema metadata (provenance) is the first part's. ManifestError when the
@@ -206,12 +218,10 @@ def read_stage(fs: fsspec.AbstractFileSystem, stage_dir: str, columns: Sequence[
     tables, first = [], None
     for p in manifest.parts:
         path = posixpath.join(stage_dir, p.name)
-        pf, prov = _open(read_part_verified(fs, stage_dir, p), path)
+        t = read_part(fs, stage_dir, p, columns)
+        prov = json.loads(t.schema.metadata[PROVENANCE_KEY])
         first = first or prov
         _same_kind(first, prov, path)
-        t = _read(pf, path, columns)
-        if p.rows is not None and t.num_rows != p.rows:
-            raise ShardError(f"{path}: {t.num_rows} rows but the manifest says {p.rows}")
         if tables and t.schema.remove_metadata() != tables[0].schema.remove_metadata():
             raise ShardError(f"{path}: columns {t.schema.names} differ from the stage's first part "
                              f"{tables[0].schema.names}; one stage has one schema")

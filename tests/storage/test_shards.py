@@ -14,7 +14,7 @@ from storage.fs import write_bytes_atomic
 from storage.layout import RunLayout
 from storage.manifest import MANIFEST_NAME, read_manifest
 from storage.shards import (PROVENANCE_KEY, SCHEMA_VERSION, build_provenance, commit_parts, iter_token_batches,
-                            list_array, load_hf_dataset, pack, read_provenance, read_stage, rollout_schema, rollout_table,
+                            list_array, load_hf_dataset, pack, read_provenance, read_stage, rollout_schema, rollout_table, scored_table,
                             scored_schema, validate_table, write_part)
 
 
@@ -292,3 +292,21 @@ def test_unfinished_stage_is_not_read(done_stage):
     for read in (lambda: read_stage(fs, d), lambda: list(iter_token_batches(fs, d, 100))):
         with pytest.raises(ManifestError, match="stage is partial, not done"):
             read()
+
+
+def test_scored_from_a_read_rollout_part_carries_the_scored_provenance(tmp_path):
+    """The scoring stage's path: read a rollout part, add teacher columns, write a scored part."""
+    from storage.shards import read_part
+
+    lay = RunLayout(str(tmp_path / "r"))
+    rollout, rprov = F.make_scored_table(scored=False)
+    full, sprov = F.make_scored_table()
+    m = F.write_stage(lay.fs, lay.stage_dir(0, "rollout"), rollout, rprov, rows_per_part=100)
+    back = read_part(lay.fs, lay.stage_dir(0, "rollout"), m.parts[0])
+    assert json.loads(back.schema.metadata[PROVENANCE_KEY])["kind"] == "rollout"
+    teachers = {n: full.column(f"teacher_logp.{n}") for n in ("math", "code")}
+    info = write_part(lay.fs, lay.stage_dir(0, "scored"), 0, scored_table(back, teachers, full.column("teacher_logp")),
+                      sprov)
+    got = read_provenance(lay.fs, f"{lay.stage_dir(0, 'scored')}/{info.name}")
+    assert got["kind"] == "scored" and got["teachers"] == sprov["teachers"]
+    assert pq.read_table(f"{lay.stage_dir(0, 'scored')}/{info.name}").to_pylist() == full.to_pylist()
