@@ -5,7 +5,7 @@
     append_jsonl(fs, path + "/metrics.jsonl", {"iteration": 0, "loss": 1.2})
 
 How a file is committed:
-- local disk: written to `NAME.<random>.tmp` in the same directory, fsynced, then os.replace;
+- local disk: written to `.NAME.<random>.tmp` in the same directory, fsynced, then os.replace;
 - object stores (s3, gcs, azure) and memory://: one whole-object write of bytes built in memory
   (an object is visible only once its PUT completes, so there is no half object to see);
 - any other filesystem: temporary name, then fs.mv.
@@ -46,7 +46,9 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def tmp_name(path: str) -> str:
-    return f"{path}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
+    """dir/.NAME.<random>.tmp: hidden, so directory readers (pyarrow, pandas) skip it."""
+    head, name = posixpath.split(path)
+    return posixpath.join(head, f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
 
 
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

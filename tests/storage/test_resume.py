@@ -55,9 +55,9 @@ def test_killed_stage_resumes(layout, monkeypatch):
         _run_stage(fs, d, table, prov)
     monkeypatch.undo()
     good = fs.cat_file(f"{d}/part-00000.parquet")
-    write_bytes_atomic(fs, f"{d}/part-00002.parquet.1234.tmp", good[:100])
+    write_bytes_atomic(fs, f"{d}/.part-00002.parquet.1234.tmp", good[:100])
     write_bytes_atomic(fs, f"{d}/part-00003.parquet", good[: len(good) // 2])
-    assert stray_files(fs, d) == ["part-00002.parquet.1234.tmp"]
+    assert stray_files(fs, d) == [".part-00002.parquet.1234.tmp"]
     assert sorted(finished_parts(fs, d)) == [0, 1]  # the torn part is not trusted
 
     # a part written for another config is not reused either
@@ -69,7 +69,7 @@ def test_killed_stage_resumes(layout, monkeypatch):
     assert _run_stage(fs, d, table, prov) == [2, 3]
     assert stage_status(fs, d) == "done"
     assert read_stage(fs, d).to_pylist() == table.to_pylist()
-    assert stray_files(fs, d) == ["part-00002.parquet.1234.tmp"]  # reported, never read
-    assert remove_tmp_files(fs, d) == ["part-00002.parquet.1234.tmp"]
+    assert stray_files(fs, d) == [".part-00002.parquet.1234.tmp"]  # reported, never read
+    assert remove_tmp_files(fs, d) == [".part-00002.parquet.1234.tmp"]
     assert stray_files(fs, d) == []
     assert _run_stage(fs, d, table, prov) == []  # a done stage has nothing left to do
