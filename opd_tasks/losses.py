@@ -133,7 +133,7 @@ def _inputs(mask: Tensor, **tensors: Optional[Tensor]) -> tuple[Tensor, dict[str
     """Check shapes and finiteness at valid tokens; return (mask as bool, tensors with padding zeroed)."""
     if mask.dim() != 2:
         raise ValueError(f"mask must be [B, R], got shape {tuple(mask.shape)}")
-    m = mask.bool() if mask.dtype == torch.bool else mask != 0
+    m = mask if mask.dtype == torch.bool else mask != 0
     given = {k: v for k, v in tensors.items() if v is not None}
     for name, x in given.items():
         if x.shape != m.shape:
@@ -210,8 +210,8 @@ def _metrics(loss: Tensor, m: Tensor, old: Tensor, teacher: Tensor, teacher_logp
             vals[f"kl_k1/{name}"], vals[f"kl_k3/{name}"] = k1(t), k3(t)
         vals.update(ratio_mean=mean(ratio), clip_frac=mean(clipped.to(ratio.dtype)), tis_weight_mean=mean(tis),
                     ratio_max=torch.where(m, ratio, 0.0).max() if m.numel() else ratio.new_zeros(()),
-                    tokens=m.sum(), sequences=torch.tensor(m.shape[0]))
-        floats = torch.stack([v.detach().double().cpu().reshape(()) for v in vals.values()]).tolist()
+                    tokens=m.sum(), sequences=torch.tensor(m.shape[0], device=m.device))
+        floats = torch.stack([v.detach().double().reshape(()) for v in vals.values()]).tolist()  # one sync
     return dict(zip(vals, floats))
 
 
