@@ -62,7 +62,7 @@ class LossParams:
             if value not in allowed:
                 raise ValueError(f"loss.{field}: {value!r} is not one of {list(allowed)}")
         checks = (("lam", self.lam > 0, "> 0"), ("discount", 0 <= self.discount <= 1, "in [0, 1]"),
-                  ("clip_eps_low", self.clip_eps_low is None or 0 <= self.clip_eps_low < 1, "in [0, 1) or None"),
+                  ("clip_eps_low", self.clip_eps_low is None or 0 <= self.clip_eps_low <= 1, "in [0, 1] or None"),
                   ("clip_eps_high", self.clip_eps_high is None or self.clip_eps_high >= 0, ">= 0 or None"),
                   ("tis_cap", self.tis_cap is None or self.tis_cap > 0, "> 0 or None"),
                   ("w_rl", self.w_rl >= 0, ">= 0"), ("w_kd", self.w_kd >= 0, ">= 0"))

@@ -468,7 +468,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="normalizer"):
         compute_loss(LossParams(), batch, normalizer=0)
     for field, value in (("kind", "k1"), ("kd_estimator", "k1"), ("aggregation", "sum"), ("lam", 0.0),
-                         ("discount", 1.5), ("clip_eps_low", 1.0), ("tis_cap", 0.0), ("w_kd", -1.0),
+                         ("discount", 1.5), ("clip_eps_low", 1.5), ("tis_cap", 0.0), ("w_kd", -1.0),
                          ("lam", math.nan)):
         with pytest.raises(ValueError, match=f"loss.{field}"):
             LossParams(**{field: value})
