@@ -57,7 +57,7 @@ class LossConfig(_Model):
     kind: Literal["rkl", "gopd", "kdrl"] = Field("rkl", description="rkl: on-policy reverse KL; gopd: G-OPD/ExOPD; kdrl: GRPO + KD")
     lam: float = Field(1.0, alias="lambda", gt=0, description="G-OPD reward scale lambda; 1 = rkl, > 1 = ExOPD")
     discount: float = Field(0.0, ge=0, le=1, description="gamma for the discounted sum of future per-token rewards")
-    clip_eps_low: float | None = Field(0.2, ge=0, description="PPO ratio clip below 1 (None: no clip)")
+    clip_eps_low: float | None = Field(0.2, ge=0, le=1, description="PPO ratio clip below 1 (None: no clip)")
     clip_eps_high: float | None = Field(0.2, ge=0, description="PPO ratio clip above 1 (None: no clip)")
     tis_cap: float | None = Field(2.0, gt=0, description="truncated IS cap C on exp(old - behaviour) (None: off)")
     aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
