@@ -117,25 +117,33 @@ def _provenance(schema: pa.Schema, path: str) -> dict:
                          f"(write shards with storage.shards.write_part)")
     try:
         prov = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ShardError(f"{path}: provenance metadata is not JSON ({err})") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ShardError(f"{path}: provenance metadata is not JSON ({err}); the file is corrupt") from None
+    if not isinstance(prov, dict):
+        raise ShardError(f"{path}: provenance metadata is not a JSON object; the file is corrupt")
     version = prov.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ShardError(f"{path}: shard schema_version {version!r}, this opd reads {SCHEMA_VERSION}; "
                          f"rewrite the stage with this version (delete its directory and resume)")
     if prov.get("kind") not in KINDS:
         raise ShardError(f"{path}: provenance kind {prov.get('kind')!r} is not one of {KINDS}")
-    check_columns(schema, prov["kind"], _declared_teachers(prov), path)
+    try:
+        teachers = _declared_teachers(prov)
+    except (KeyError, TypeError):
+        raise ShardError(f"{path}: provenance 'teachers' is malformed (need a list of {{'name': ...}}); "
+                         f"the file is corrupt or not written by opd") from None
+    check_columns(schema, prov["kind"], teachers, path)
     return prov
 
 
 def _open(data: bytes, path: str) -> tuple[pq.ParquetFile, dict]:
     try:
         pf = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
-    except (pa.ArrowException, OSError) as err:
+        schema = pf.schema_arrow
+    except (pa.ArrowException, OSError, ValueError) as err:
         raise ShardError(f"{path}: not a readable Parquet file ({err}); it is truncated or corrupt, "
                          f"delete it and redo its stage") from None
-    return pf, _provenance(pf.schema_arrow, path)
+    return pf, _provenance(schema, path)
 
 
 def _read(pf: pq.ParquetFile, path: str, columns: Sequence[str] | None) -> pa.Table:
@@ -145,7 +153,7 @@ def _read(pf: pq.ParquetFile, path: str, columns: Sequence[str] | None) -> pa.Ta
             raise ShardError(f"{path}: no column(s) {missing}; it has {pf.schema_arrow.names}")
     try:
         return pf.read(columns=list(columns) if columns is not None else None)
-    except (pa.ArrowException, OSError) as err:
+    except (pa.ArrowException, OSError, ValueError) as err:
         raise ShardError(f"{path}: data pages cannot be read ({err}); the file is corrupt, delete it "
                          f"and redo its stage") from None
 
@@ -242,7 +250,7 @@ def _stage_files(fs: fsspec.AbstractFileSystem, manifest: Manifest, stage_dir: s
         except FileNotFoundError:
             raise ManifestError(f"{path}: listed in {MANIFEST_NAME} but missing; delete the manifest to "
                                 f"redo the stage") from None
-        except (pa.ArrowException, OSError) as err:
+        except (pa.ArrowException, OSError, ValueError) as err:
             raise ShardError(f"{path}: not a readable Parquet file ({err})") from None
         prov = _provenance(s, path)
         first = first or prov
@@ -313,7 +321,7 @@ def read_provenance(fs: fsspec.AbstractFileSystem, path: str) -> dict:
     with fs.open(path, "rb") as f:
         try:
             schema = pq.read_schema(f)
-        except (pa.ArrowException, OSError) as err:
+        except (pa.ArrowException, OSError, ValueError) as err:
             raise ShardError(f"{path}: not a readable Parquet file ({err})") from None
     return _provenance(schema, path)
 
