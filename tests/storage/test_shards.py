@@ -13,7 +13,7 @@ from storage.errors import ManifestError, ShardError
 from storage.fs import write_bytes_atomic
 from storage.layout import RunLayout
 from storage.manifest import MANIFEST_NAME, read_manifest
-from storage.shards import (PROVENANCE_KEY, SCHEMA_VERSION, build_provenance, commit_parts, iter_token_batches,
+from storage.shards import (PROVENANCE_KEY, SCHEMA_VERSION, build_provenance, iter_token_batches,
                             list_array, load_hf_dataset, pack, read_provenance, read_stage, rollout_schema, rollout_table, scored_table,
                             scored_schema, validate_table, write_part)
 
