@@ -17,8 +17,10 @@ Rank 0 prints one `opd-train step {json}` line per optimizer step; a failing ran
     torchrun --standalone --nproc-per-node 2 -m opd_tasks.train --config R/run.yaml ... (as above)
 
 --init-checkpoint takes the previous iteration's checkpoint dir, or the student's HF model
-directory for iteration 0. Every path may be an fsspec URL (s3://...). The Prefect-free launcher
-is opd_tasks.trainer.launch.launch_training; the Prefect task is opd_tasks.trainer.task.train_task.
+directory for iteration 0. Every path may be an fsspec URL (s3://...). From Python:
+    run_training(ctx, iteration)      # a run's train stage: paths from the run layout, skip if done
+    opd_tasks.trainer.launch.launch_training(...)   # Prefect-free torchrun launcher, explicit paths
+    opd_tasks.trainer.task.train_task(...)          # the same as a Prefect task
 """
 from __future__ import annotations
 
@@ -30,6 +32,12 @@ import traceback
 from torch.distributed.elastic.multiprocessing.errors import record
 
 ERROR_MARKER = "opd-train error"
+
+
+def run_training(ctx, iteration: int, **kwargs):
+    """The train stage of a run (flows/iteration.py): see opd_tasks.trainer.stage.run_training."""
+    from opd_tasks.trainer.stage import run_training as run_stage
+    return run_stage(ctx, iteration, **kwargs)
 
 
 def parse_args(argv: list[str] | None = None):

@@ -1,6 +1,8 @@
 """Helpers of the trainer tests: a tiny random Llama with its own tokenizer, scored stages, configs."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -88,6 +90,7 @@ def write_config(path, **train) -> str:
            "loss": {"kind": "rkl"},
            "train": {"lr": 1e-3, "epochs": 1, "mini_batches": 2, "micro_batch_tokens": 64, "device": "cpu",
                      **train}}
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
     return str(path)
@@ -126,3 +129,17 @@ def plain_iteration(model, optimizer, rows, params, cfg) -> list[float]:
             optimizer.step()
             losses.append(float(loss.detach()))
     return losses
+
+
+def make_run(root, tiny_model_dir, **train):
+    """Two iterations of scored shards + a config under `root`; returns (config path, args per iteration)."""
+    from opd_tasks.trainer.worker import TrainArgs
+    cfg = write_config(root / "run.yaml", **train)
+    args = []
+    for n in range(2):
+        write_scored(root / f"iter-{n:06d}" / "scored", scored_table(6, 2, seed=10 + n, iteration=n), iteration=n)
+        args.append(TrainArgs(config=cfg, scored_dir=str(root / f"iter-{n:06d}" / "scored"),
+                              init_checkpoint=tiny_model_dir if n == 0 else str(root / "checkpoints" / "iter-000000"),
+                              out_checkpoint=str(root / "checkpoints" / f"iter-{n:06d}"),
+                              train_dir=str(root / f"iter-{n:06d}" / "train"), iteration=n))
+    return cfg, args
