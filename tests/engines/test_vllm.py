@@ -58,9 +58,13 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(model_dirs):
+    import torch
+
+    before = torch.random.get_rng_state()
     eng = VLLMEngine(str(model_dirs[0]), max_model_len=MAX_LEN)
-    yield eng
-    del eng
+    # vLLM seeds the global RNGs of the process it runs in; the engine restores the caller's.
+    assert torch.equal(torch.random.get_rng_state(), before)
+    return eng
 
 
 @pytest.fixture(scope="module")

@@ -88,13 +88,15 @@ class VLLMServer:
 
     Flags/env for a fast CPU start (~20 s): fp32, eager, 64 MiB KV cache, in-process engine,
     dynamo off, processed log-probs. stop() kills the whole group (killing only the main process
-    leaves its engine child running)."""
+    leaves its engine child running). dev_mode adds the endpoints that reload weights."""
 
-    def __init__(self, model_dir: Path, log_path: Path, python: str = sys.executable):
+    def __init__(self, model_dir: Path, log_path: Path, dev_mode: bool = False, python: str = sys.executable):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TORCHDYNAMO_DISABLE="1")
+        if dev_mode:  # /collective_rpc and /reset_prefix_cache, for RemoteEngine.load_weights
+            env["VLLM_SERVER_DEV_MODE"] = "1"
         cmd = [python, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(model_dir),
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--enforce-eager",
                "--kv-cache-memory-bytes", "64M", "--max-model-len", str(MAX_LEN),
