@@ -34,7 +34,7 @@ from opd_tasks.logprobs import gather_response, token_logp
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # float32 logits of at most this many bytes at once (the [N, V] head output is chunked by rows)
-LOGITS_BYTES = 256 << 20
+LOGITS_BYTES = 32 << 20
 
 
 def pack_by_budget(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -85,7 +85,8 @@ class _HFEngine:
         self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or ()))
         pad = _first_set(getattr(gcfg, "pad_token_id", None), getattr(cfg, "pad_token_id", None),
                          self.eos_ids[0] if self.eos_ids else 0)
-        self.pad_id = int(pad[0] if isinstance(pad, (list, tuple)) else pad)
+        pad = int(pad[0] if isinstance(pad, (list, tuple)) else pad)
+        self.pad_id = pad if 0 <= pad < self.vocab_size else 0  # any in-vocab id: padding is never attended
         self.last_stats: dict = {}
 
     def load_weights(self, path: str) -> None:
@@ -228,6 +229,8 @@ class HFScorer(_HFEngine):
 class HFGenerator(_HFEngine):
     """Generator: n sampled responses per prompt with behaviour log-probs, deterministic per seed."""
 
+    compact_below = 0.75  # drop finished rows from the running batch once <= this fraction still runs
+
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu", token_budget: int = 16384,
                  trust_remote_code: bool = False, progress: bool | None = None):
         super().__init__(model_path, dtype, device, token_budget, trust_remote_code, progress)
@@ -276,15 +279,21 @@ class HFGenerator(_HFEngine):
         length = torch.full((B,), T, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         next_pos = pos[:, -1:] + 1
+        alive = torch.arange(B, device=dev)  # batch row of each row still in the model's batch
         for t in range(T):
-            lp = sampling_logp(out.logits[:, -1], sp.temperature, sp.top_k, sp.top_p)  # [B, V]
-            tok = torch.multinomial(lp.exp(), 1, generator=gen)  # [B, 1]
-            tokens[:, t], logp[:, t] = tok[:, 0], lp.gather(1, tok)[:, 0]
-            stop = ~done & torch.isin(tok[:, 0], eos)
-            length[stop], done = t + 1, done | stop
+            lp = sampling_logp(out.logits[:, -1], sp.temperature, sp.top_k, sp.top_p)  # [A, V]
+            tok = torch.multinomial(lp.exp(), 1, generator=gen)  # [A, 1]
+            tokens[alive, t], logp[alive, t] = tok[:, 0], lp.gather(1, tok)[:, 0]
+            stop = alive[torch.isin(tok[:, 0], eos)]
+            length[stop], done[stop] = t + 1, True
             if t == T - 1 or bool(done.all()):
                 break
-            mask = torch.cat([mask, mask.new_ones((B, 1))], dim=1)
+            keep = ~done[alive]
+            if keep.sum() <= self.compact_below * len(alive):  # drop finished rows from the batch and cache
+                idx = keep.nonzero()[:, 0]
+                out.past_key_values.batch_select_indices(idx)
+                alive, tok, mask, next_pos = alive[idx], tok[idx], mask[idx], next_pos[idx]
+            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
             out = self.model(input_ids=tok, attention_mask=mask, position_ids=next_pos,
                              past_key_values=out.past_key_values, use_cache=True)
             next_pos = next_pos + 1

@@ -147,7 +147,9 @@ def generator(tiny):
 PROMPTS = [[1, 5], [1, 7, 8, 9, 10, 11], [1], [1, 20, 21, 22]]
 
 
-def test_behaviour_logp_equals_teacher_forced_recomputation(generator):
+@pytest.mark.parametrize("compact_below", [0.75, 1.0, 0.0])  # default / on every stop / never
+def test_behaviour_logp_equals_teacher_forced_recomputation(generator, compact_below, monkeypatch):
+    monkeypatch.setattr(generator, "compact_below", compact_below)
     sp = SamplingParams(temperature=0.7, max_new_tokens=12, seed=11)
     result = generator.generate(PROMPTS, n=3, sampling=sp)
     assert [len(r) for r in result] == [3] * len(PROMPTS)
