@@ -82,6 +82,9 @@ class _HFEngine:
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         gcfg = getattr(self.model, "generation_config", None)
         eos = _first_set(getattr(gcfg, "eos_token_id", None), getattr(cfg, "eos_token_id", None))
+        if eos is None and any((Path(model_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            from opd_tasks.tokenizers import load_tokenizer
+            eos = load_tokenizer(model_path, trust_remote_code).eos_token_id
         self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or ()))
         pad = _first_set(getattr(gcfg, "pad_token_id", None), getattr(cfg, "pad_token_id", None),
                          self.eos_ids[0] if self.eos_ids else 0)
@@ -161,7 +164,7 @@ class HFScorer(_HFEngine):
                                    f"pass one prompt per response")
         prompts = self._check_ids(prompt_ids, "prompt")
         responses = self._check_ids(response_ids, "response", 0)
-        out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(prompts)
+        out = [np.zeros(0, np.float32) for _ in prompts]
         todo = [i for i, r in enumerate(responses) if r.size]
         for i in todo:
             if prompts[i].size == 0:
@@ -251,7 +254,7 @@ class HFGenerator(_HFEngine):
         lengths = [prompts[i].size + sampling.max_new_tokens for i, _ in rows]
         gen = torch.Generator(self.device).manual_seed(sampling.seed)
         out: list[list[Sample | None]] = [[None] * n for _ in prompts]
-        self.last_stats = {"batches": 0}
+        self.last_stats = {"batches": 0, "sampling": sampling.to_dict()}
         with torch.inference_mode(), self._bar("generate", len(rows) * sampling.max_new_tokens) as advance:
             for batch in pack_by_budget(lengths, self.token_budget):
                 samples = self._sample_batch([prompts[rows[b][0]] for b in batch], sampling, gen)

@@ -241,3 +241,17 @@ def test_factory_keeps_the_options_each_kind_uses():
     assert _opts_for("hf", opts) == dict(dtype="bfloat16", token_budget=99, trust_remote_code=True, extra=1)
     assert _opts_for("vllm", opts) == dict(dtype="bfloat16", max_model_len=64, trust_remote_code=True, extra=1)
     assert _opts_for("remote", opts) == dict(url=None, max_concurrency=8, extra=1)
+
+
+def test_eos_falls_back_to_the_tokenizer(tmp_path):
+    import json
+
+    d = build_tiny_llama(tmp_path / "m")
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((d / name).read_text())
+        cfg.pop("eos_token_id", None)
+        (d / name).write_text(json.dumps(cfg))
+    gen = HFGenerator(d, progress=False)
+    assert gen.eos_ids == [2]  # the tokenizer's </s>
+    result = gen.generate([[1, 5]], n=1, sampling=SamplingParams(max_new_tokens=4))
+    assert gen.last_stats["sampling"]["top_k"] == -1 and len(result[0][0].response_ids) <= 4
