@@ -30,6 +30,7 @@ missing field in their error rather than guess.
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
@@ -43,6 +44,7 @@ from opd_tasks.errors import OpdError
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 NEUTRAL = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0}
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class RemoteEngineError(OpdError):
@@ -65,12 +67,16 @@ class RemoteEngine:
     base_url: "http://host:port" (a trailing /v1 is accepted); model: the served model name
     (default: the only model in GET /v1/models); timeout: seconds per request; retries: extra
     attempts after a transient failure, waiting backoff * 2**k seconds; transport: an httpx
-    transport (tests)."""
+    transport (tests). The factory form `RemoteScorer(model_path, url=URL)` (engines.make_scorer)
+    is accepted too: model_path then names the model if the server serves it under that name."""
 
-    def __init__(self, base_url: str, model: str | None = None, max_concurrency: int = 64,
-                 timeout: float = 300.0, retries: int = 4, backoff: float = 0.5,
-                 api_key: str | None = None, transport: httpx.AsyncBaseTransport | None = None):
-        if not base_url.startswith(("http://", "https://")):
+    def __init__(self, base_url: str | None = None, model: str | None = None, max_concurrency: int = 64,
+                 timeout: float = 300.0, retries: int = 4, backoff: float = 0.5, api_key: str | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None, *, url: str | None = None):
+        self._model_hint = None
+        if url is not None:  # make_scorer(kind, model_path, url=...): the positional is the model path
+            self._model_hint, base_url = base_url, url
+        if not base_url or not base_url.startswith(("http://", "https://")):
             raise EngineInputError(f"remote engine: url {base_url!r} must start with http:// or https:// "
                                    "(set teachers[].url / rollout.url)")
         if max_concurrency < 1:
@@ -108,12 +114,19 @@ class RemoteEngine:
                                 "is the server up (GET /health) and the url right?")
 
     async def _model_name(self, client: httpx.AsyncClient) -> str:
+        """The explicit model, else the hinted one if served, else the server's only model."""
         if self.model is None:
             data = await self._request(client, "GET", "/v1/models")
             names = [m["id"] for m in (data or {}).get("data", [])]
-            if len(names) != 1:
-                raise RemoteEngineError(f"{self.base_url} serves models {names}; name one (model=...)")
-            self.model = names[0]
+            if self._model_hint in names:
+                self.model = self._model_hint
+            elif len(names) == 1:
+                if self._model_hint is not None:
+                    log.warning("%s serves %r, not %r; using it", self.base_url, names[0], self._model_hint)
+                self.model = names[0]
+            else:
+                raise RemoteEngineError(f"{self.base_url} serves models {names}, none named {self._model_hint!r}; "
+                                        "name the served model")
         return self.model
 
     async def _complete_all(self, bodies: list[dict]) -> list[dict]:

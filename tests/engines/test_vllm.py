@@ -209,3 +209,15 @@ def test_generator_and_scorer_share_one_llm(engine, reference):
     scorer = VLLMScorer.sharing(engine)
     assert scorer.llm is engine.llm and isinstance(scorer, VLLMScorer)
     assert max_abs_diff(scorer.score(PROMPTS, RESPONSES), reference) < TOL
+
+
+@pytest.mark.vllm
+def test_factory_builds_a_second_llm_in_the_same_process(engine, model_dirs):
+    """scoring keeps one engine per teacher: two in-process LLMs must not disturb each other."""
+    from opd_tasks.engines import make_scorer
+
+    other = make_scorer("vllm", str(model_dirs[1]), dtype="float32", seed=0, token_budget=4096,
+                        vllm={"max_model_len": MAX_LEN}, url=None, max_concurrency=8, trust_remote_code=False)
+    assert isinstance(other, VLLMScorer) and other.llm is not engine.llm
+    assert max_abs_diff(other.score(PROMPTS, RESPONSES), hf_response_logp(model_dirs[1], PROMPTS, RESPONSES)) < TOL
+    assert max_abs_diff(engine.score(PROMPTS, RESPONSES), hf_response_logp(model_dirs[0], PROMPTS, RESPONSES)) < TOL
