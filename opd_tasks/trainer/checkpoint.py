@@ -21,9 +21,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-# Files of an HF model directory that are weights or model config (everything else, e.g. the
-# tokenizer and chat template, is copied from the init model into the export).
-_MODEL_FILES = ("config.json", "generation_config.json")
+# Files of an HF model directory that the export writes itself (everything else: tokenizer files,
+# chat template, generation_config.json, is copied from the init model into the export).
+_MODEL_FILES = ("config.json",)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
 
 
@@ -79,8 +79,9 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=opts)
 
 
-def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
-    """Copy every top-level file of an HF model dir that is not weights or model config."""
+def copy_model_files(src_dir: str, dst_dir: str) -> list[str]:
+    """Copy every top-level file of an HF model dir but weights and config.json (tokenizer, chat
+    template, generation config), so the export behaves like the model it was trained from."""
     copied = []
     for name in sorted(os.listdir(src_dir)):
         path = os.path.join(src_dir, name)
@@ -91,9 +92,10 @@ def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
     return copied
 
 
-def save_hf(state: dict[str, torch.Tensor], config, dst_dir: str, tokenizer_dir: str,
-            dtype: torch.dtype = torch.float32) -> None:
-    """Write a complete HF model dir: config + model.safetensors (from a full state dict) + tokenizer.
+def save_hf(state: dict[str, torch.Tensor], config, dst_dir: str, init_dir: str,
+            dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> None:
+    """Write a complete HF model dir: config + model.safetensors (from a full state dict) + the other
+    files of init_dir (tokenizer, generation config).
 
     state: the full state dict (full_state_dict on rank 0); config: the transformers config of the
     model. The model is built on the meta device and takes the tensors as they are (no copy), so
@@ -102,16 +104,16 @@ def save_hf(state: dict[str, torch.Tensor], config, dst_dir: str, tokenizer_dir:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        shell = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        shell = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     shell.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
     shell.tie_weights()
     os.makedirs(dst_dir, exist_ok=True)
     shell.save_pretrained(dst_dir, safe_serialization=True)
-    copy_tokenizer_files(tokenizer_dir, dst_dir)
+    copy_model_files(init_dir, dst_dir)
 
 
-def export_hf(model: torch.nn.Module, config, dst_dir: str, tokenizer_dir: str, dtype: torch.dtype,
-              put=None) -> None:
+def export_hf(model: torch.nn.Module, config, dst_dir: str, init_dir: str, dtype: torch.dtype,
+              put=None, trust_remote_code: bool = False) -> None:
     """Collective: gather the full weights and, on rank 0, save_hf into dst_dir.
 
     put: None writes dst_dir on local disk; otherwise a callable(local_dir) that uploads a
@@ -121,10 +123,10 @@ def export_hf(model: torch.nn.Module, config, dst_dir: str, tokenizer_dir: str, 
     rank, _ = _rank_world()
     if rank == 0:
         if put is None:
-            save_hf(state, config, dst_dir, tokenizer_dir, dtype)
+            save_hf(state, config, dst_dir, init_dir, dtype, trust_remote_code)
         else:
             with tempfile.TemporaryDirectory(prefix="opd-hf-") as tmp:
-                save_hf(state, config, tmp, tokenizer_dir, dtype)
+                save_hf(state, config, tmp, init_dir, dtype, trust_remote_code)
                 put(tmp)
     if dist.is_initialized():
         dist.barrier()

@@ -108,7 +108,6 @@ def build_model(hf_url: str, cfg: RunConfig, mesh):
     with local_dir(hf_url) as d:
         model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
                                                      trust_remote_code=cfg.student.trust_remote_code)
-    model.config.use_cache = False
     return shard_model(model, mesh, cfg.train.mixed_precision)
 
 
@@ -202,7 +201,8 @@ def save_checkpoint(model, optimizer, args: TrainArgs, cfg: RunConfig, hf_url: s
     hf = posixpath.join(out.path, "hf")
     put = None if is_local(out.fs) else (lambda tmp: out.fs.put(tmp + "/", hf + "/", recursive=True))
     with local_dir(hf_url) as tok_dir:
-        ckpt.export_hf(model, model.config, hf, tok_dir, DTYPES[cfg.student.dtype], put=put)
+        ckpt.export_hf(model, model.config, hf, tok_dir, DTYPES[cfg.student.dtype], put=put,
+                       trust_remote_code=cfg.student.trust_remote_code)
     if rank == 0:
         commit_checkpoint(out, args.iteration, config_hash=cfg.config_hash(),
                           inputs={"scored": args.scored_dir, "init": args.init_checkpoint}, extra={"step": step})

@@ -61,6 +61,9 @@ def test_resume_from_checkpoint_continues_bitwise_and_hf_export_matches(tmp_path
         assert torch.equal(reloaded[k], v), k
     assert AutoTokenizer.from_pretrained(hf)("abc")["input_ids"] == \
         AutoTokenizer.from_pretrained(tiny_model_dir)("abc")["input_ids"]
+    from transformers import AutoConfig, GenerationConfig
+    assert AutoConfig.from_pretrained(hf).to_diff_dict() == AutoConfig.from_pretrained(tiny_model_dir).to_diff_dict()
+    assert GenerationConfig.from_pretrained(hf) == GenerationConfig.from_pretrained(tiny_model_dir)
     metrics = json.loads((tmp_path / "iter-000001" / "train" / "metrics.json").read_text())
     assert metrics["step"] == 4 and metrics["tokens_per_s"] > 0
     for d in ("checkpoints/iter-000001", "iter-000001/train"):
@@ -129,3 +132,26 @@ def test_run_stage_paths_and_skip_when_done(tmp_path, tiny_model_dir):
     commit_manifest(ctx.layout.fs, ctx.stage_dir(1, "train"), Manifest(stage="train", extra={"step": 4}))
     res = run_training(ctx, 1)
     assert res.skipped and res.metrics == {"step": 4}
+
+
+def test_every_path_may_be_an_fsspec_url(tmp_path, tiny_model_dir):
+    """memory:// stands in for s3:// (one process): shards in, DCP + HF export + metrics out, resume."""
+    import fsspec
+    from train_helpers import write_config, write_scored
+    fs, root = fsspec.filesystem("memory"), f"memory://opd-train-{tmp_path.name}"
+    try:
+        fs.put(write_config(tmp_path / "run.yaml"), f"{root}/run.yaml")
+        args = []
+        for n in range(2):
+            write_scored(f"{root}/iter-{n:06d}/scored", scored_table(4, 2, seed=n, iteration=n), iteration=n)
+            args.append(TrainArgs(f"{root}/run.yaml", f"{root}/iter-{n:06d}/scored",
+                                  tiny_model_dir if n == 0 else f"{root}/checkpoints/iter-000000",
+                                  f"{root}/checkpoints/iter-{n:06d}", f"{root}/iter-{n:06d}/train", n))
+        run(args[0])
+        assert run(args[1])["step"] == 4
+        files = fs.find(f"{root}/checkpoints/iter-000001")
+        for name in ("_MANIFEST.json", "dcp/.metadata", "hf/model.safetensors", "hf/tokenizer.json"):
+            assert any(f.endswith(f"iter-000001/{name}") for f in files), name
+        assert fs.exists(f"{root}/iter-000001/train/_MANIFEST.json")
+    finally:
+        fs.rm(root, recursive=True)
