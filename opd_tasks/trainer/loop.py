@@ -146,9 +146,10 @@ def train_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ro
     per second of the step loop), "tokens_per_s_after_first_step", "old_logp_seconds", ...}.
     """
     rank, world = _world()
-    model.train()
     t0 = time.perf_counter()
+    model.eval()  # old_t is a property of the weights: no dropout noise in it
     recompute_old_logp(model, rows, cfg.micro_batch_tokens, device)
+    model.train()
     set_advantages(rows, params)
     t_old = time.perf_counter() - t0
     keys = _loss_keys(params, rows)
