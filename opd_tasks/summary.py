@@ -14,18 +14,27 @@ def _stage_json(ctx: RunContext, iteration: int, stage: str) -> dict:
     return read_json(ctx.layout.fs, path) if exists(ctx.layout.fs, path) else {}
 
 
+def train_means(train: dict) -> dict:
+    """Token-weighted means of the first epoch's steps: every step of an epoch sees different rows
+    and the same old_t, so this is the iteration's data seen by the rollout student."""
+    steps = [s for s in train.get("steps", []) if s.get("epoch", 0) == 0]
+    if not steps:
+        return {}
+    w = [s.get("tokens", 1.0) for s in steps]
+    keys = {k for s in steps for k, v in s.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+    return {k: sum(s.get(k, 0.0) * wi for s, wi in zip(steps, w)) / sum(w) for k in keys}
+
+
 def iteration_summary(ctx: RunContext, iteration: int, stages: dict[str, StageResult]) -> dict:
-    train, ev = _stage_json(ctx, iteration, "train"), _stage_json(ctx, iteration, "eval")
-    t = train.get("summary", train)
-    row = {"iteration": iteration,
-           "loss": t.get("loss"), "reward_mean": t.get("reward_mean"),
-           "kl": {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("kl_k1/")} or None,
-           "kl_combined": t.get("kl_k1"),
-           "verifier_reward": t.get("verifier_reward_mean"),
-           "accuracy": ev.get("accuracy"),
-           "seconds": {k: round(s.seconds, 3) for k, s in stages.items() if not s.skipped},
-           "tokens_per_s": {k: round(s.tokens_per_s, 1) for k, s in stages.items() if not s.skipped and s.tokens}}
-    return row
+    t = train_means(_stage_json(ctx, iteration, "train"))
+    ev = _stage_json(ctx, iteration, "eval")
+    return {"iteration": iteration,
+            "loss": t.get("loss"), "reward_mean": t.get("reward_mean"),
+            "kl": {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("kl_k1/")} or None,
+            "kl_combined": t.get("kl_k1"),
+            "accuracy": ev.get("accuracy"),
+            "seconds": {k: round(s.seconds, 3) for k, s in stages.items() if not s.skipped},
+            "tokens_per_s": {k: round(s.tokens_per_s, 1) for k, s in stages.items() if not s.skipped and s.tokens}}
 
 
 def record_iteration(ctx: RunContext, row: dict) -> bool:
