@@ -126,7 +126,8 @@ def main() -> None:
         "speedup_vs_padded": round(t_pad / t_hf, 2),
         "hf_gflop_s": round(useful / t_hf / 1e9, 2), "matmul_gflop_s": round(peak / 1e9, 2),
         "matmul_fraction": round(useful / t_hf / peak, 3),
-        "hf_batches": scorer.last_stats.get("batches"), "max_abs_diff": err,
+        "hf_batches": scorer.last_stats.get("batches"), "token_budget": args.token_budget,
+        "cpu_forward_tokens": scorer.cpu_forward_tokens, "max_abs_diff": err,
     }))
 
 
