@@ -275,7 +275,10 @@ def validate_table(table: pa.Table, kind: str = "rollout", teacher_names: Sequen
                              f"but response_ids has {resp[r]} tokens; log-probs are in response-token indexing "
                              f"(one per response token, no prompt positions)")
         vals = pc.list_flatten(table.column(f.name)).to_numpy()
-        wrong = ~np.isfinite(vals) | (vals > LOGP_TOLERANCE)
+        # The combined teacher_logp of combination=product is an unnormalized log-linear score
+        # (may exceed 0); its inputs, the teacher_logp.NAME columns, are checked as log-probs.
+        upper = np.inf if f.name == "teacher_logp" else LOGP_TOLERANCE
+        wrong = ~np.isfinite(vals) | (vals > upper)
         if wrong.any():
             i = int(np.flatnonzero(wrong)[0])
             r, pos = _locate(lens, i)
@@ -291,11 +294,13 @@ def validate_table(table: pa.Table, kind: str = "rollout", teacher_names: Sequen
             raise ShardError(f"{source}: column {name!r} has token id {vals[i]} in sample_id {_sample(table, r)}, "
                              f"outside the vocabulary [0, {vocab_size}); the tokenizer of the data and the "
                              f"student differ")
-    for name, ok in (("group_index", lambda v: v >= 0), ("iteration", lambda v: v >= 0)):
+    # iteration -1 marks offline data (opd score): not sampled in any iteration.
+    for name, ok in (("group_index", lambda v: v >= 0), ("iteration", lambda v: v >= -1)):
         v = table.column(name).to_numpy()
         if v.size and not np.all(ok(v)):
             r = int(np.flatnonzero(~ok(v))[0])
-            raise ShardError(f"{source}: column {name!r} is {v[r]} for sample_id {_sample(table, r)}; must be >= 0")
+            raise ShardError(f"{source}: column {name!r} is {v[r]} for sample_id {_sample(table, r)}; must be >= 0 "
+                             f"(iteration may be -1 for offline data)")
     reward = pc.drop_null(table.column("reward")).to_numpy()
     if reward.size and not np.all(np.isfinite(reward)):
         r = int(np.flatnonzero(~np.isfinite(pc.fill_null(table.column("reward"), 0.0).to_numpy()))[0])
