@@ -43,6 +43,13 @@ def _log_sink():
         return lambda line: print(line, flush=True)
 
 
+def _train_inprocess(paths: dict[str, str], iteration: int) -> dict:
+    """One rank in this process (a 1-rank gloo group on an in-memory store): the same worker code
+    as under torchrun, without the process start and imports."""
+    from opd_tasks.trainer.worker import TrainArgs, run
+    return run(TrainArgs(**paths, iteration=iteration))
+
+
 def run_training(ctx: RunContext, iteration: int, on_line=None, env: dict | None = None) -> StageResult:
     """Train iteration `iteration` with torchrun (train.nproc_per_node x train.nnodes ranks).
     on_line receives every output line of the workers (default: Prefect's run logger or stdout)."""
@@ -54,9 +61,17 @@ def run_training(ctx: RunContext, iteration: int, on_line=None, env: dict | None
         raise TrainError(f"{ctx.layout.url_of(ctx.stage_dir(iteration, 'scored'))}: the scored stage is not "
                          f"complete; score iteration {iteration} first (opd resume)")
     t0 = time.perf_counter()
-    metrics = launch_training(**train_paths(ctx, iteration), iteration=iteration,
-                              nproc_per_node=ctx.cfg.train.nproc_per_node, nnodes=ctx.cfg.train.nnodes,
-                              env=env, on_line=on_line or _log_sink())
+    tc = ctx.cfg.train
+    world = tc.nproc_per_node * tc.nnodes
+    if tc.launcher == "inprocess" or (tc.launcher == "auto" and world == 1 and env is None):
+        if world != 1:
+            raise TrainError(f"train.launcher=inprocess runs one rank, but nproc_per_node x nnodes = {world}; "
+                             f"use launcher: torchrun (or auto)")
+        metrics = _train_inprocess(train_paths(ctx, iteration), iteration)
+    else:
+        metrics = launch_training(**train_paths(ctx, iteration), iteration=iteration,
+                                  nproc_per_node=tc.nproc_per_node, nnodes=tc.nnodes,
+                                  env=env, on_line=on_line or _log_sink())
     last = metrics["steps"][-1] if metrics["steps"] else {}
     summary = {k: last[k] for k in SUMMARY_KEYS if k in last}
     summary.update(step=metrics["step"], tokens_per_s=metrics["tokens_per_s"])
