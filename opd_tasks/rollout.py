@@ -20,6 +20,7 @@ from opd_tasks.models import load_tokenizer, max_context
 from opd_tasks.stages import StageResult
 from opd_tasks.verifiers import get_verifier
 from storage.datasets import read_prompts
+from storage.faults import fault_point
 from storage.manifest import read_manifest
 from storage.shards import build_provenance, commit_parts, finished_parts, rollout_table, write_part
 
@@ -118,6 +119,7 @@ def run_rollout(ctx: RunContext, iteration: int, generator: Generator | None = N
         table = sample_part(gen, tokenizer, rows, ids, iteration, sampling_params(ctx, part_seed(cfg.seed, iteration, k)), G)
         tokens += sum(len(r) for r in table.column("response_ids").to_pylist())
         done[k] = write_part(fs, stage, k, table, prov, vocab_size=len(tokenizer))
+        fault_point("rollout.part")
         log.info("rollout iter %d part %d/%d: %d samples", iteration, k + 1, n_parts, table.num_rows)
     m = commit_parts(fs, stage, "rollout", done, ctx.config_hash,
                      inputs={"student": student, "prompts": cfg.data.train})

@@ -24,9 +24,10 @@ from opd_tasks.engines.base import Scorer
 from opd_tasks.errors import OpdError, ShardError
 from opd_tasks.stages import StageResult
 from opd_tasks.tokenizers import check_same_tokenizer
+from storage.faults import fault_point
 from storage.manifest import read_manifest
-from storage.shards import (TEACHER_PREFIX, build_provenance, commit_parts, finished_parts, read_part, scored_table,
-                            write_part)
+from storage.shards import (TEACHER_PREFIX, build_provenance, commit_parts, finished_parts, part_index, read_part,
+                            scored_table, write_part)
 
 log = logging.getLogger("opd.scoring")
 REF = "__ref__"
@@ -136,7 +137,7 @@ def run_scoring(ctx: RunContext, iteration: int) -> StageResult:
     cfg, with_ref = ctx.cfg, ctx.cfg.needs_reference
     student = ctx.student_path(iteration)
     done = finished_parts(fs, stage, expect={"config_hash": ctx.config_hash})
-    todo = [(int(p.name[5:10]), p) for p in rollout.parts if int(p.name[5:10]) not in done]
+    todo = [(part_index(p.name), p) for p in rollout.parts if part_index(p.name) not in done]
     tokens = 0
     if todo:
         fingerprint = check_tokenizers(cfg, student, with_ref, ctx.reference_path)
@@ -150,6 +151,7 @@ def run_scoring(ctx: RunContext, iteration: int) -> StageResult:
             table = score_table(read_part(fs, src, part), scorers, cfg, with_ref)
             tokens += int(pc.sum(pc.list_value_length(table.column("response_ids"))).as_py() or 0)
             done[k] = write_part(fs, stage, k, table, prov)
+            fault_point("scored.part")
             log.info("scored iter %d part %s: %d samples x %d teachers", iteration, part.name, table.num_rows,
                      len(cfg.teachers) + with_ref)
     m = commit_parts(fs, stage, "scored", done, ctx.config_hash,

@@ -23,6 +23,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from storage.errors import OpdError
+from storage.faults import fault_point
 
 TMP_SUFFIX = ".tmp"
 WHOLE_OBJECT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory"}
@@ -61,6 +62,8 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            if path.endswith("_MANIFEST.json"):
+                fault_point("manifest")
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

@@ -50,6 +50,14 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+def part_index(name: str) -> int:
+    """part-00003.parquet -> 3 (ShardError for any other name)."""
+    m = PART_RE.match(name)
+    if not m:
+        raise ShardError(f"{name!r} is not a part file name (part-NNNNN.parquet)")
+    return int(m.group(1))
+
+
 def build_provenance(kind: str, *, iteration: int | None, config_hash: str | None,
                      teachers: Sequence[dict] = (), combination: str | None = None,
                      tokenizer_path: str | None = None, tokenizer_fingerprint: str | None = None,
