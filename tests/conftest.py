@@ -9,3 +9,12 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> dict:
+    """Paths of a tiny random world (student, teachers tx/ty, prompts): see tests/tiny_world.py."""
+    from tiny_world import build_tiny_world
+    return build_tiny_world(tmp_path_factory.mktemp("tiny-world"))
