@@ -18,7 +18,7 @@ TOY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 
 
 def run_demo(run_dir: str | None = None, iterations: int | None = None, config: Path = TOY_CONFIG) -> dict:
-    from opd_tasks.evaluate import read_baseline
+    from opd_tasks.eval_stage import read_baseline
     from opd_tasks.report import render_table, write_report
     from opd_tasks.summary import read_metrics
 

@@ -40,7 +40,7 @@ def train(run_dir: str, iteration: int) -> StageResult:
 
 @task(name="evaluate", cache_policy=NO_CACHE, **IO_RETRIES)
 def evaluate(run_dir: str, iteration: int) -> StageResult:
-    from opd_tasks.evaluate import run_evaluation
+    from opd_tasks.eval_stage import run_evaluation
     return run_evaluation(RunContext.load(run_dir), iteration)
 
 

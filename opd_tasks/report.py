@@ -106,7 +106,7 @@ def write_report(ctx: RunContext, baseline: dict) -> dict:
 
 
 if __name__ == "__main__":
-    from opd_tasks.evaluate import read_baseline
+    from opd_tasks.eval_stage import read_baseline
     c = RunContext.load(sys.argv[1])
     s = write_report(c, read_baseline(c))
     render_table(s, read_metrics(c))
