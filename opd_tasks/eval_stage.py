@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from opd_tasks.errors import OpdError
 from opd_tasks.evaluate import greedy_accuracy
+from storage.faults import fault_point
 
 def eval_prompts(ctx):
     """The eval split (data.eval, else data.train), first eval.max_prompts rows: the same rows for
@@ -66,6 +67,7 @@ def run_evaluation(ctx, iteration: int):
         rows = eval_prompts(ctx)
         metrics.update(accuracy=_accuracy(ctx, model, rows), checkpoint=model, eval_prompts=rows.num_rows)
     metrics["seconds"] = time.perf_counter() - t0
+    fault_point("eval")
     part = write_json_part(fs, stage, "metrics.json", metrics)
     commit_manifest(fs, stage, Manifest(stage="eval", config_hash=ctx.config_hash, parts=[part],
                                         inputs={"checkpoint": metrics.get("checkpoint")}))

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from opd_tasks.logprobs import gather_response, token_logp
 from opd_tasks.losses import LossParams, compute_loss, group_advantages
 from opd_tasks.trainer.batching import Rows, collate, group_ids, mini_batches, rank_plan
+from storage.faults import fault_point
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ def train_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ro
             steps.append(rec)
             if on_step is not None and rank == 0:
                 on_step(rec)
+            fault_point("train.step")
     seconds = time.perf_counter() - t1
     tokens = sum(r["input_tokens"] for r in steps)
     later = steps[1:]  # the first step pays one-time costs (lazy init, allocator, gloo buffers)
