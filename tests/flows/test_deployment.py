@@ -199,7 +199,7 @@ def _env(home: Path, **extra: str) -> dict:
     return env
 
 
-def _wait_healthy(url: str, server: subprocess.Popen, procs: Processes, timeout: float = 120) -> None:
+def _wait_healthy(url: str, server: subprocess.Popen, procs: Processes, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert server.poll() is None, f"prefect server exited with {server.returncode}:\n{procs.logs()}"
