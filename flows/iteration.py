@@ -14,10 +14,19 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from opd_tasks.context import RunContext
+from opd_tasks.errors import OpdError
 from opd_tasks.stages import StageResult
 
+
+def _retryable(task, task_run, state) -> bool:
+    """Retry what a retry can fix (I/O, network, a remote server); not a user error (OpdError names
+    the fix) or a programming error."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError)) and not isinstance(exc, OpdError)
+
+
 # Storage hiccups and remote scoring servers are worth retrying; a failing model load is not.
-IO_RETRIES = dict(retries=2, retry_delay_seconds=[5, 30])
+IO_RETRIES = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retryable)
 
 
 @task(name="rollout", cache_policy=NO_CACHE)
