@@ -13,11 +13,12 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.iteration import IO_RETRIES
 from opd_tasks.config import load_config
 from opd_tasks.stages import StageResult
 
 
-@task(name="score-offline", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])
+@task(name="score-offline", cache_policy=NO_CACHE, **IO_RETRIES)
 def score_offline_task(config_path: str, input_path: str, output: str) -> StageResult:
     from opd_tasks.offline import score_offline
     from opd_tasks.toy.world import resolve_config
