@@ -52,10 +52,11 @@ def run_evaluation(ctx, iteration: int):
     import time
     from opd_tasks.stages import StageResult
     from storage.checkpoints import hf_dir, is_complete
-    from storage.manifest import Manifest, commit_manifest, read_manifest, write_json_part
+    from storage.manifest import Manifest, commit_manifest, read_manifest, remove_tmp_files, write_json_part
     fs, stage = ctx.layout.fs, ctx.stage_dir(iteration, "eval")
     if (m := read_manifest(fs, stage)) is not None:
         return StageResult(stage="eval", iteration=iteration, skipped=True)
+    remove_tmp_files(fs, stage)  # left by a write that a crash interrupted
     t0 = time.perf_counter()
     metrics: dict = {"iteration": iteration, "scheduled": is_scheduled(ctx, iteration)}
     if metrics["scheduled"]:

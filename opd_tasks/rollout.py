@@ -21,7 +21,7 @@ from opd_tasks.stages import StageResult
 from opd_tasks.verifiers import get_verifier
 from storage.datasets import read_prompts
 from storage.faults import fault_point
-from storage.manifest import read_manifest
+from storage.manifest import read_manifest, remove_tmp_files
 from storage.shards import build_provenance, commit_parts, finished_parts, rollout_table, write_part
 
 log = logging.getLogger("opd.rollout")
@@ -106,6 +106,7 @@ def run_rollout(ctx: RunContext, iteration: int, generator: Generator | None = N
                             sampling=sampling_params(ctx, 0).to_dict() | {"seed": "per part"},
                             engine=cfg.rollout.engine, group_size=G)
     done = finished_parts(fs, stage, expect={"config_hash": ctx.config_hash})
+    remove_tmp_files(fs, stage)  # left by a write that a crash interrupted
     gen = None
     tokens = 0
     for k in range(n_parts):

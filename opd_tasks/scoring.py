@@ -25,7 +25,7 @@ from opd_tasks.errors import OpdError, ShardError
 from opd_tasks.stages import StageResult
 from opd_tasks.tokenizers import check_same_tokenizer
 from storage.faults import fault_point
-from storage.manifest import read_manifest
+from storage.manifest import read_manifest, remove_tmp_files
 from storage.shards import (TEACHER_PREFIX, build_provenance, commit_parts, finished_parts, part_index, read_part,
                             scored_table, write_part)
 
@@ -137,6 +137,7 @@ def run_scoring(ctx: RunContext, iteration: int) -> StageResult:
     cfg, with_ref = ctx.cfg, ctx.cfg.needs_reference
     student = ctx.student_path(iteration)
     done = finished_parts(fs, stage, expect={"config_hash": ctx.config_hash})
+    remove_tmp_files(fs, stage)  # left by a write that a crash interrupted
     todo = [(part_index(p.name), p) for p in rollout.parts if part_index(p.name) not in done]
     tokens = 0
     if todo:

@@ -25,7 +25,7 @@ from opd_tasks.trainer.distributed import close_distributed, init_distributed, s
 from opd_tasks.trainer.loop import LoopConfig, print_step, train_iteration
 from storage.checkpoints import commit_checkpoint
 from storage.fs import exists, filesystem, is_local, read_bytes
-from storage.manifest import MANIFEST_NAME, Manifest, commit_manifest, write_json_part
+from storage.manifest import MANIFEST_NAME, Manifest, commit_manifest, remove_tmp_files, write_json_part
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -147,6 +147,7 @@ def run(args: TrainArgs) -> dict:
     try:
         if d.rank == 0:  # a re-run stage is not done until its new manifest is written
             _rm_manifest(args.train_dir)
+            remove_tmp_files(*filesystem(args.train_dir))  # left by a write that a crash interrupted
         torch.manual_seed(rank_seed(cfg.seed, args.iteration, d.rank))
         model = build_model(hf_url, cfg, d.mesh)
         vocab = model.config.get_text_config().vocab_size
