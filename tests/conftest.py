@@ -18,3 +18,20 @@ def tiny_world(tmp_path_factory) -> dict:
     """Paths of a tiny random world (student, teachers tx/ty, prompts): see tests/tiny_world.py."""
     from tiny_world import build_tiny_world
     return build_tiny_world(tmp_path_factory.mktemp("tiny-world"))
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def toy_world_cfg():
+    """The test-size toy world, cached under <repo>/.cache/opd-test (gitignored) across sessions:
+    the builder reuses a complete world with the same size, seed and builder version."""
+    from opd_tasks.config import ToyWorldConfig
+    return ToyWorldConfig(dir=str(ROOT / ".cache" / "opd-test" / "toy-test-seed0"), size="test", seed=0)
+
+
+@pytest.fixture(scope="session")
+def toy_world(toy_world_cfg):
+    from opd_tasks.toy.world import build_world
+    return build_world(toy_world_cfg.dir, size=toy_world_cfg.size, seed=toy_world_cfg.seed)

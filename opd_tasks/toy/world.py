@@ -1,0 +1,276 @@
+"""The toy world: a tokenizer, prompt datasets, a weak student and one teacher per domain, on a CPU.
+
+    opd toy build --out DIR --size test        # or: build_world(DIR, size="test", seed=0)
+    resolve("toy://teachers/add", cfg.toy_world)  # -> "/abs/DIR/teachers/add", built on first use
+    cfg = resolve_config(cfg)                   # every toy:// path of a RunConfig made local
+
+Layout of a world directory (world.json is written last: a world counts only when it exists):
+
+    world.json  tokenizer/  base/  student/  teachers/add/  teachers/rev/  data/{train,eval}.parquet
+
+Every model directory holds HF safetensors weights + the tokenizer, so `from_pretrained(dir)` and
+vLLM load it directly. Lineage (one Llama architecture for all):
+
+    init --student_steps on add+rev--> student --base_steps on add+rev--> base
+    base --teacher_steps on add only--> teachers/add (teacher "adder")
+    base --teacher_steps on rev only--> teachers/rev (teacher "reverser")
+
+so the student is an earlier point of the teachers' own training path: OPD can take it there.
+Everything is a function of (size, seed, BUILDER_VERSION) and the torch thread count.
+"""
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from opd_tasks.errors import OpdError
+from opd_tasks.toy.tasks import DOMAINS, TaskSpec, make_splits, sft_sampler, write_rows
+
+BUILDER_VERSION = 1
+TEACHER_NAMES = {"add": "adder", "rev": "reverser"}  # configs/toy.yaml uses these names
+
+
+class ToyWorldError(OpdError):
+    """A toy:// path that cannot be resolved, or a toy world that cannot be built."""
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    hidden_size: int
+    num_heads: int          # head_dim = hidden_size / num_heads must be >= 32 for vLLM's CPU attention
+    num_layers: int
+    intermediate_size: int
+    tasks: TaskSpec
+    n_train: int            # prompts per domain in data/train.parquet
+    n_eval: int             # prompts per domain in data/eval.parquet
+    student_steps: int      # SFT steps on both domains from init to the student
+    base_steps: int         # further steps on both domains from the student to the teachers' base
+    teacher_steps: dict = field(default_factory=dict)  # domain -> SFT steps on that domain from base
+    batch_size: int = 64
+    lr: float = 2e-3
+    threads: int = 1        # 1: under load, 2 threads on 2 cores ran 2-6x slower per step
+
+
+SIZES = {
+    "demo": WorldSpec(hidden_size=128, num_heads=4, num_layers=2, intermediate_size=256,
+                      tasks=TaskSpec(max_digits=3, min_letters=3, max_letters=6), n_train=4096, n_eval=256,
+                      student_steps=150, base_steps=0, teacher_steps={"add": 400, "rev": 150}),
+    "test": WorldSpec(hidden_size=128, num_heads=4, num_layers=2, intermediate_size=256,
+                      tasks=TaskSpec(max_digits=2, min_letters=3, max_letters=4), n_train=256, n_eval=64,
+                      student_steps=100, base_steps=0, teacher_steps={"add": 200, "rev": 100}, lr=3e-3),
+}
+TOY_URIS = ("student", "base", "tokenizer", "teachers/add", "teachers/rev", "teachers/adder",
+            "teachers/reverser", "data/train.parquet", "data/eval.parquet")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_world(out: str | Path) -> dict | None:
+    """world.json of a complete world at `out`, or None when there is none (or it is unreadable)."""
+    try:
+        return json.loads((Path(out) / "world.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _matches(world: dict | None, size: str, seed: int) -> bool:
+    return bool(world) and (world.get("builder_version"), world.get("size"), world.get("seed")) == \
+        (BUILDER_VERSION, size, seed)
+
+
+@contextmanager
+def _locked(out: Path):
+    """One builder per world directory at a time (others wait here, then find the world built)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".build.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _paths(out: Path) -> dict:
+    """The path entries of world.json for a world at `out` (absolute)."""
+    return {
+        "dir": str(out),
+        "student": {"path": str(out / "student")},
+        "base": {"path": str(out / "base")},
+        "teachers": {TEACHER_NAMES[d]: {"domain": d, "path": str(out / "teachers" / d)} for d in DOMAINS},
+        "tokenizer": {"path": str(out / "tokenizer")},
+        "data": {n: {"path": str(out / "data" / f"{n}.parquet")} for n in ("train", "eval")},
+    }
+
+
+def _merge(into: dict, new: dict) -> dict:
+    """Deep-merge `new` into `into` (in place) and return it."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
+def _relocate(world: dict, out: Path) -> dict:
+    """A world moved or copied to another directory: rewrite its absolute paths (atomically)."""
+    if world.get("dir") != str(out):
+        _write_json_atomic(out / "world.json", _merge(world, _paths(out)))
+    return world
+
+
+def build_world(out: str | Path, size: str = "demo", seed: int = 0, force: bool = False) -> Path:
+    """Build the toy world into `out` (or reuse the complete one there built with the same size, seed
+    and builder version). Returns the absolute world directory."""
+    if size not in SIZES:
+        raise ToyWorldError(f"toy world size {size!r} is unknown; use one of {sorted(SIZES)}")
+    out = Path(out).expanduser().resolve()
+    with _locked(out):
+        world = read_world(out)
+        if not force and _matches(world, size, seed):
+            _relocate(world, out)
+            return out
+        _build(out, SIZES[size], size, seed)
+    return out
+
+
+def _save_model(model, tokenizer, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, path)
+
+
+def _build(out: Path, spec: WorldSpec, size: str, seed: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from opd_tasks.evaluate import greedy_accuracy
+    from opd_tasks.toy.sft import sft
+    from opd_tasks.toy.tokenizer import build_tokenizer
+
+    t0 = time.time()
+    (out / "world.json").unlink(missing_ok=True)  # the old world (if any) stops counting right away
+    for stale in ("tokenizer", "base", "student", "teachers", "data"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
+    torch.set_num_threads(spec.threads)
+    hf_logging.disable_progress_bar()  # "Writing model shards" x 5 says nothing here
+    try:
+        tok = build_tokenizer()
+        tok.save_pretrained(out / "tokenizer")
+        splits = make_splits(spec.tasks, spec.n_train, spec.n_eval, seed)
+        for name, rows in splits.items():
+            write_rows(rows, out / "data" / f"{name}.parquet")
+        held_out = {r["prompt"] for r in splits["eval"]}  # SFT never sees an eval prompt
+
+        torch.manual_seed(seed)
+        model_config = LlamaConfig(
+            vocab_size=len(tok), hidden_size=spec.hidden_size, num_attention_heads=spec.num_heads,
+            num_key_value_heads=spec.num_heads, intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_layers, max_position_embeddings=128, tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        model = LlamaForCausalLM(model_config)
+        model.generation_config.pad_token_id = tok.pad_token_id
+        both = sft_sampler(spec.tasks, DOMAINS, held_out, seed)
+        sft(model, tok, both, spec.student_steps, spec.batch_size, spec.lr)
+        _save_model(model, tok, out / "student")
+        if spec.base_steps:
+            sft(model, tok, both, spec.base_steps, spec.batch_size, spec.lr)
+        _save_model(model, tok, out / "base")
+        for domain in DOMAINS:
+            teacher = copy.deepcopy(model)
+            sampler = sft_sampler(spec.tasks, (domain,), held_out, seed)
+            sft(teacher, tok, sampler, spec.teacher_steps[domain], spec.batch_size, spec.lr)
+            _save_model(teacher, tok, out / "teachers" / domain)
+        t_train = time.time() - t0
+
+        # Accuracy from the saved directories, as any user would load them.
+        max_new = spec.tasks.max_digits + spec.tasks.max_letters + 2
+        models = {"student": "student", "base": "base",
+                  **{TEACHER_NAMES[d]: f"teachers/{d}" for d in DOMAINS}}
+        accuracy = {name: greedy_accuracy(str(out / rel), splits["eval"], max_new_tokens=max_new)
+                    for name, rel in models.items()}
+    finally:
+        torch.set_num_threads(threads)
+        if bars:
+            hf_logging.enable_progress_bar()
+    world = _merge({
+        "builder_version": BUILDER_VERSION, "size": size, "seed": seed,
+        "tokenizer": {"vocab_size": len(tok)},
+        "data": {name: {"rows": len(rows)} for name, rows in splits.items()},
+        "accuracy": accuracy,
+        "examples": {d: next(r for r in splits["eval"] if r["domain"] == d) for d in DOMAINS},
+        "spec": asdict(spec),
+        "model_config": {k: v for k, v in model_config.to_dict().items()
+                         if isinstance(v, (int, float, str, bool)) or v is None},
+        "sha256": {rel: _sha256(out / rel / "model.safetensors") for rel in models.values()}
+        | {f"data/{n}.parquet": _sha256(out / "data" / f"{n}.parquet") for n in splits},
+        "build_seconds": {"train": round(t_train, 1), "total": round(time.time() - t0, 1)},
+        "threads": spec.threads,
+    }, _paths(out))
+    _write_json_atomic(out / "world.json", world)
+
+
+def resolve(uri: str, toy_cfg) -> str:
+    """`toy://student`, `toy://teachers/add` (or `/adder`), `toy://data/train.parquet`, ... -> the
+    absolute local path, building the world named by `toy_cfg` (a ToyWorldConfig) on first use.
+    Anything that is not a toy:// URI comes back unchanged."""
+    if not uri.startswith("toy://"):
+        return uri
+    rel = uri.removeprefix("toy://").strip("/")
+    rel = {f"teachers/{n}": f"teachers/{d}" for d, n in TEACHER_NAMES.items()}.get(rel, rel)
+    if rel not in TOY_URIS:
+        raise ToyWorldError(f"{uri}: not a part of the toy world; use toy://NAME with NAME one of {list(TOY_URIS)}")
+    out = build_world(Path(toy_cfg.dir).expanduser(), size=toy_cfg.size, seed=toy_cfg.seed)
+    return str(out / rel)
+
+
+def _path_fields(cfg) -> list[tuple[str, object, str]]:
+    """(dotted name, owner, attribute) of every path field of a RunConfig."""
+    fields = [("student.path", cfg.student, "path"), ("data.train", cfg.data, "train"),
+              ("data.eval", cfg.data, "eval")]
+    fields += [(f"teachers[{i}].path", t, "path") for i, t in enumerate(cfg.teachers)]
+    if cfg.reference is not None:
+        fields.append(("reference.path", cfg.reference, "path"))
+    return fields
+
+
+def resolve_config(cfg):
+    """A copy of RunConfig `cfg` with every toy:// path (student, teachers, reference, data) resolved
+    to a local path, the world being built on first use. `cfg` itself is not changed."""
+    new = cfg.model_copy(deep=True)
+    for name, owner, attr in _path_fields(new):
+        value = getattr(owner, attr)
+        if not (value or "").startswith("toy://"):
+            continue
+        if new.toy_world is None:
+            raise ToyWorldError(
+                f"{name} = {value!r} names the toy world, but the config has no `toy_world` section; "
+                f"add e.g. `toy_world: {{dir: ~/.cache/opd/toy, size: demo, seed: 0}}` or give a local path")
+        setattr(owner, attr, resolve(value, new.toy_world))
+    return new
