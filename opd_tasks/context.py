@@ -9,7 +9,7 @@ from functools import cached_property
 
 import yaml
 
-from opd_tasks.config import RunConfig, parse_config
+from opd_tasks.config import ConfigError, RunConfig, parse_config
 from opd_tasks.errors import OpdError
 from storage.checkpoints import rollout_student
 from storage.fs import exists, read_bytes
@@ -27,8 +27,7 @@ class RunContext:
         layout = RunLayout(run_dir)
         if not exists(layout.fs, layout.run_yaml):
             raise OpdError(f"{run_dir}: no run.yaml here; start a run with `opd run CONFIG --run-dir {run_dir}`")
-        raw = parse_config(yaml.safe_load(read_bytes(layout.fs, layout.run_yaml)), layout.url_of(layout.run_yaml))
-        return cls.from_config(raw, layout)
+        return cls.from_config(stored_config(layout), layout)
 
     @classmethod
     def from_config(cls, raw: RunConfig, layout: RunLayout) -> "RunContext":
@@ -61,6 +60,15 @@ class RunContext:
         return self.layout.stage_dir(iteration, stage)
 
 
+def stored_config(layout: RunLayout) -> RunConfig:
+    """The run's run.yaml. One that does not validate was most likely written by a newer opd."""
+    try:
+        return parse_config(yaml.safe_load(read_bytes(layout.fs, layout.run_yaml)), layout.url_of(layout.run_yaml))
+    except ConfigError as err:
+        raise OpdError(f"{err}\nThis run's stored config does not validate with this opd: if the run was written "
+                       f"by a newer opd, upgrade opd; otherwise restore run.yaml (`opd run` writes it once)") from None
+
+
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = sorted(set(a) | set(b))
     out = []
@@ -80,7 +88,7 @@ def prepare_run(cfg: RunConfig, run_dir: str) -> RunContext:
     from storage.fs import write_text_atomic
     layout = RunLayout(run_dir)
     if exists(layout.fs, layout.run_yaml):
-        old = parse_config(yaml.safe_load(read_bytes(layout.fs, layout.run_yaml)), layout.url_of(layout.run_yaml))
+        old = stored_config(layout)
         if old.config_hash() != cfg.config_hash():
             changes = _diff(old.model_dump(mode="json", by_alias=True), cfg.model_dump(mode="json", by_alias=True))
             changes = [c for c in changes if c.split(":")[0] not in MUTABLE_FIELDS]

@@ -30,9 +30,9 @@ def _remote_code(trust_remote_code: bool, path: str) -> bool:
     return trust_remote_code
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, role: str = "tokenizer"):
     from transformers import AutoTokenizer
-    check_model_dir(path, "tokenizer")
+    check_model_dir(path, role)
     return AutoTokenizer.from_pretrained(path, trust_remote_code=_remote_code(trust_remote_code, path))
 
 

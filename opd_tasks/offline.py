@@ -96,7 +96,7 @@ def score_offline(cfg: RunConfig, input_path: str, output: str, rows_per_part: i
     if (m := read_manifest(fs, stage)) is not None:
         return StageResult(stage="offline-scored", rows=m.rows, skipped=True)
     student = cfg.student.path
-    tokenizer = load_tokenizer(student, cfg.student.trust_remote_code)
+    tokenizer = load_tokenizer(student, cfg.student.trust_remote_code, role="student")
     table, how = to_rollout_table(read_table(input_path), tokenizer, input_path)
     with_ref = cfg.needs_reference
     ref_path = cfg.reference.path if cfg.reference else student

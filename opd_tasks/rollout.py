@@ -96,8 +96,12 @@ def run_rollout(ctx: RunContext, iteration: int, generator: Generator | None = N
     need += ("answer",) if cfg.loss.kind == "kdrl" else ()
     prompts = iteration_prompts(read_prompts(cfg.data.train, need=need), iteration, cfg.seed,
                                 cfg.rollout.prompts_per_iteration)
-    tokenizer = load_tokenizer(student, cfg.student.trust_remote_code)
+    tokenizer = load_tokenizer(student, cfg.student.trust_remote_code, role="student")
     limit = max_context(student) - cfg.rollout.max_new_tokens
+    # all of the iteration's prompts before any part: a part committed before a bad prompt stopped
+    # the stage would be kept on resume, even after a fix of the dataset that reshuffles the prompts
+    ids = tokenize_prompts(tokenizer, prompts.column("prompt").to_pylist(), limit, cfg.data.train,
+                           prompts.column("prompt_id").to_pylist())
     G = cfg.rollout.group_size
     per_part = max(1, cfg.rollout.rows_per_part // G)
     n_parts = -(-prompts.num_rows // per_part)
@@ -115,9 +119,8 @@ def run_rollout(ctx: RunContext, iteration: int, generator: Generator | None = N
         if gen is None:
             gen = generator or get_generator(ctx, student)
         rows = prompts.slice(k * per_part, per_part)
-        ids = tokenize_prompts(tokenizer, rows.column("prompt").to_pylist(), limit, cfg.data.train,
-                               rows.column("prompt_id").to_pylist())
-        table = sample_part(gen, tokenizer, rows, ids, iteration, sampling_params(ctx, part_seed(cfg.seed, iteration, k)), G)
+        table = sample_part(gen, tokenizer, rows, ids[k * per_part:(k + 1) * per_part], iteration,
+                            sampling_params(ctx, part_seed(cfg.seed, iteration, k)), G)
         tokens += sum(len(r) for r in table.column("response_ids").to_pylist())
         done[k] = write_part(fs, stage, k, table, prov, vocab_size=len(tokenizer))
         fault_point("rollout.part")

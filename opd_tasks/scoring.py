@@ -10,6 +10,7 @@ part. Teachers are loaded once per process and kept across iterations (they do n
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Mapping
 
@@ -21,7 +22,7 @@ from opd_tasks.combine import combine
 from opd_tasks.config import RunConfig
 from opd_tasks.context import RunContext
 from opd_tasks.engines.base import Scorer
-from opd_tasks.errors import OpdError, ShardError
+from opd_tasks.errors import ModelPathError, OpdError, ShardError
 from opd_tasks.stages import StageResult
 from opd_tasks.tokenizers import check_same_tokenizer
 from storage.faults import fault_point
@@ -94,12 +95,19 @@ def teacher_provenance(cfg: RunConfig) -> list[dict]:
     return [{"name": t.name, "path": t.path, "weight": t.weight, "domain": t.domain} for t in cfg.teachers]
 
 
+def _present(path: str, role: str) -> str:
+    if not os.path.isdir(path):
+        raise ModelPathError(f"{role} path {path!r} does not exist; check the config's model paths "
+                             f"(teachers[].path, reference.path)")
+    return path
+
+
 def check_tokenizers(cfg: RunConfig, student: str, with_ref: bool, ref_path: str) -> str:
     fp = None
     for t in cfg.teachers:
-        fp = check_same_tokenizer(student, t.path, f"teacher {t.name!r}")
+        fp = check_same_tokenizer(student, _present(t.path, f"teacher {t.name!r}"), f"teacher {t.name!r}")
     if with_ref:
-        fp = check_same_tokenizer(student, ref_path, "reference")
+        fp = check_same_tokenizer(student, _present(ref_path, "reference"), "reference")
     return fp
 
 

@@ -42,7 +42,8 @@ def read_prompts(path: str, storage_options: dict | None = None, need: tuple[str
         raise DataError(f"{path}: missing required column 'prompt' (found: {table.column_names}); "
                         f"a prompt set needs a text column named prompt")
     if table.num_rows == 0:
-        raise DataError(f"{path}: the prompt set is empty")
+        raise DataError(f"{path}: the prompt set is empty; give a file with at least one row (config "
+                        f"data.train / data.eval)")
     for col in need:
         if col not in table.column_names:
             raise DataError(f"{path}: missing column {col!r} (found: {table.column_names}), required by this "

@@ -83,6 +83,10 @@ def rows_from_table(table: pa.Table, source: str, *, need_ref: bool = False, nee
     if (plen == 0).any():
         raise TrainError(f"{source}: column 'prompt_ids' has {(plen == 0).sum()} empty rows; "
                          f"a response needs at least one prompt token before it")
+    if rlen.sum() == 0:
+        raise TrainError(f"{source}: all {len(rlen)} responses are empty (0 response tokens); nothing to train on. "
+                         f"The generator returned no tokens: check the student's EOS and the engine's stop "
+                         f"settings, then delete this iteration's rollout/ and scored/ directories and resume")
     teachers = sorted(c[len(TEACHER_PREFIX):] for c in table.column_names if c.startswith(TEACHER_PREFIX))
     names = ["teacher_logp"] + (["ref_logp"] if need_ref else []) + [TEACHER_PREFIX + t for t in teachers]
     if "behaviour_logp" in table.column_names:
