@@ -21,12 +21,16 @@ every file of its directory (no stray file, no temporary), rollout/scored tables
 reference's (same rows, no duplicate, none missing), train and eval metrics and metrics.jsonl equal
 the reference's except timings and paths, and both checkpoints' hf/model.safetensors and DCP data
 files (model + optimizer state + RNG) are bitwise equal (CPU, same thread count: no tolerance).
+
+A second test (xfail, strict) records a crash window the fault points do not reach: after the last
+eval manifest, before the iteration's metrics.jsonl line; a resume does not write the line.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -144,13 +148,23 @@ def _weights(run: Path) -> dict[str, str]:
     return {str(p.relative_to(run)): _sha(p) for p in sorted(files)}
 
 
-def test_kill_at_every_fault_point_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_world, opd_cli):
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(tiny_world, iterations=ITERATIONS))
-    ref, run = tmp_path / "reference", tmp_path / "run"
+@pytest.fixture(scope="module")
+def config(tiny_world, tmp_path_factory) -> str:
+    return write_config(tmp_path_factory.mktemp("cfg") / "cfg.yaml", tiny_config(tiny_world, iterations=ITERATIONS))
 
-    done = opd_cli("run", cfg, "--run-dir", str(ref))
+
+@pytest.fixture(scope="module")
+def reference(config, opd_cli, tmp_path_factory) -> Path:
+    """The uninterrupted run (read only)."""
+    ref = tmp_path_factory.mktemp("reference") / "run"
+    done = opd_cli("run", config, "--run-dir", str(ref))
     assert done.returncode == 0, done.stdout[-4000:]
     assert _states(ref) == {n: ALL_DONE for n in range(ITERATIONS)}
+    return ref
+
+
+def test_kill_at_every_fault_point_then_resume_gives_the_uninterrupted_result(tmp_path, config, reference, opd_cli):
+    cfg, ref, run = config, reference, tmp_path / "run"
     ref_ids = _sample_ids(ref)
     assert all(len(v) == len(set(v)) == 12 for v in ref_ids.values())  # 6 prompts x 2 samples
 
@@ -191,3 +205,17 @@ def test_kill_at_every_fault_point_then_resume_gives_the_uninterrupted_result(tm
     assert _metrics(run) == _metrics(ref)
     weights = _weights(ref)
     assert len(weights) == 2 * ITERATIONS and _weights(run) == weights
+
+
+@pytest.mark.xfail(strict=True, reason="flows/run.py appends an iteration's metrics.jsonl line only right after "
+                   "running it, and a resume starts after the last iteration whose eval manifest exists: a kill "
+                   "between that manifest and the append loses the line for good")
+def test_a_kill_after_the_last_eval_manifest_but_before_the_metrics_line_is_healed_on_resume(tmp_path, reference,
+                                                                                             opd_cli):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(lines[:-1]))  # what that kill leaves (no fault point there)
+    res = opd_cli("resume", str(run))
+    assert res.returncode == 0, res.stdout[-4000:]
+    assert _metrics(run)["metrics.jsonl"] == _metrics(reference)["metrics.jsonl"]
