@@ -57,7 +57,8 @@ def plot_report(summary: dict, rows: list[dict]) -> bytes:
         pts = [p for p in pts if p[1] is not None]
         if pts:
             ax2.plot(*zip(*pts), marker="o", label=f"KL(student || {name})")
-    ax2.set(xlabel="iteration", ylabel="per-token KL estimate (k1, nats)", title="distance to each teacher")
+    ax2.set(xlabel="iteration", ylabel="per-token KL estimate (k1, nats)",
+            title="KL(student || teacher) on the teacher's domain")
     ax2.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -82,7 +83,7 @@ def render_table(summary: dict, rows: list[dict]) -> None:
     for name, info in summary["teachers"].items():
         t.add_row(f"teacher {name} ({info['domain']})", *[f"{acc.get(name, {}).get(d, float('nan')):.3f}" for d in domains])
     console.print(t)
-    k = Table(title="mean per-token KL(student || teacher) per iteration")
+    k = Table(title="mean per-token KL(student || teacher) on its domain, per iteration")
     k.add_column("iteration", justify="right")
     names = list(summary["teachers"])
     for n in names:

@@ -25,12 +25,32 @@ def train_means(train: dict) -> dict:
     return {k: sum(s.get(k, 0.0) * wi for s, wi in zip(steps, w)) / sum(w) for k in keys}
 
 
+def teacher_kl(ctx: RunContext, iteration: int) -> dict[str, float]:
+    """Per teacher, the mean per-token k1 estimate of KL(rollout student || teacher) on the samples
+    of the teacher's own domain (all samples when it has none), from the scored shard."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from opd_tasks.inspect import kl_estimates
+    from storage.shards import read_stage
+    names = [t.name for t in ctx.cfg.teachers]
+    cols = ["domain", "behaviour_logp", *(f"teacher_logp.{n}" for n in names)]
+    table = read_stage(ctx.layout.fs, ctx.stage_dir(iteration, "scored"), columns=cols)
+    out = {}
+    for t in ctx.cfg.teachers:
+        sel = table.filter(pc.equal(table.column("domain"), t.domain)) if t.domain else table
+        b = pc.list_flatten(sel.column("behaviour_logp")).to_numpy(zero_copy_only=False)
+        tl = pc.list_flatten(sel.column(f"teacher_logp.{t.name}")).to_numpy(zero_copy_only=False)
+        out[t.name] = kl_estimates(np.asarray(b, np.float64), np.asarray(tl, np.float64))[0] if len(b) else None
+    return out
+
+
 def iteration_summary(ctx: RunContext, iteration: int, stages: dict[str, StageResult]) -> dict:
     t = train_means(_stage_json(ctx, iteration, "train"))
     ev = _stage_json(ctx, iteration, "eval")
     return {"iteration": iteration,
             "loss": t.get("loss"), "reward_mean": t.get("reward_mean"),
-            "kl": {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("kl_k1/")} or None,
+            "kl": teacher_kl(ctx, iteration),
             "kl_combined": t.get("kl_k1"),
             "accuracy": ev.get("accuracy"),
             "seconds": {k: round(s.seconds, 3) for k, s in stages.items() if not s.skipped},
