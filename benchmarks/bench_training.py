@@ -1,0 +1,270 @@
+"""Training throughput: opd's trainer (world size 1 in process, 2 under torchrun) on precomputed
+scored shards vs TRL's GKDTrainer (trl.experimental.gkd) with the same student, teacher, batch and
+sequence lengths, on-policy (lmbda=1: the student generates, the teacher runs inside the step) and
+off-policy (lmbda=0: dataset responses, the teacher still runs inside the step). Prints one JSON object.
+
+    bash benchmarks/setup_bench_env.sh                        # once: .venv-bench with trl (never in .venv)
+    .venv-bench/bin/python benchmarks/bench_training.py       # ~3-5 min on 2 busy cores, 1 thread
+    .venv-bench/bin/python benchmarks/bench_training.py --hidden 512 --layers 6 --heads 8 --samples 64
+
+Tokens: prompt + response tokens of the rows trained on (attention-mask sum), the same count on
+both sides. opd's time = old_t recompute + its optimizer steps (model build and checkpoint save
+excluded; reported apart); TRL's = the sum of its steps (generation + teacher forward + student
+forward/backward + optimizer; trainer construction excluded). Best of --repeat, variants interleaved.
+The headline ratios compare trainers (the issue's definition): opd reads teacher log-probs from the
+scored shards, TRL computes them in the step. *_pipeline ratios add opd's own rollout (HFGenerator,
+on-policy only) and teacher scoring (HFScorer) of the same rows to opd's time: the fairer
+comparison of what an on-policy (resp. off-policy) distillation step costs end to end.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, llama_config, log, long_tailed, machine, quiet_env, save_llama, versions  # noqa: E402
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %} {% endif %}")
+
+
+def word_tokenizer(vocab: int):
+    """WordLevel tokenizer: token id i >= 3 is the word "t{i}"; whitespace-split, so a text of n
+    words is n tokens (TRL tokenizes chat text; opd works on the same ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{f"t{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   padding_side="left", chat_template=CHAT_TEMPLATE)
+
+
+def text(ids) -> str:
+    return " ".join(f"t{i}" for i in ids)
+
+
+def build(work: Path, args) -> dict:
+    """Student + teacher dirs (weights + tokenizer) and the rows (prompt ids, response ids)."""
+    student = llama_config(args.vocab, args.hidden, args.layers, args.heads)
+    teacher = student if args.teacher_same else llama_config(args.vocab, args.teacher_hidden, args.teacher_layers,
+                                                             args.teacher_heads)
+    tok = word_tokenizer(args.vocab)
+    paths = {}
+    for name, cfg, seed in (("student", student, 0), ("teacher", teacher, 1)):
+        paths[name] = str(save_llama(work / name, cfg, seed))
+        tok.save_pretrained(paths[name])
+    rng = np.random.default_rng(args.seed)
+    p_len = long_tailed(rng, args.samples, args.prompt_median, 0.5, 4, 4 * int(args.prompt_median))
+    prompts = [rng.integers(3, args.vocab, n).tolist() for n in p_len]
+    # responses as long as on-policy generation makes them (max_new_tokens; a random student
+    # almost never samples EOS), so both TRL variants and opd train on the same lengths
+    responses = [rng.integers(3, args.vocab, args.response_len).tolist() for _ in prompts]
+    return {**paths, "prompts": prompts, "responses": responses}
+
+
+def write_scored_run(work: Path, data: dict, args, teacher_logp, behaviour_logp) -> dict:
+    """run.yaml + a scored stage (one part, manifest) written with storage.shards, as the scoring
+    stage would; returns the trainer's path arguments."""
+    import yaml
+
+    from opd_tasks.config import parse_config
+    from storage.fs import filesystem
+    from storage.shards import build_provenance, commit_parts, rollout_table, scored_table, write_part
+
+    n = len(data["prompts"])
+    cfg = parse_config({
+        "name": "bench", "student": {"path": data["student"]},
+        "teachers": [{"name": "teacher", "path": data["teacher"]}], "loss": {"kind": "rkl"},
+        "train": {"lr": 1e-5, "epochs": 1, "mini_batches": n // args.batch, "nproc_per_node": 1,
+                  "micro_batch_tokens": args.micro_batch_tokens},
+        "data": {"train": str(work / "unused.parquet")}})
+    (work / "run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True)))
+    rollout = rollout_table({
+        "sample_id": [f"s{i}" for i in range(n)], "prompt_id": [f"p{i}" for i in range(n)], "group_index": 0,
+        "prompt_ids": [np.asarray(p, np.int32) for p in data["prompts"]],
+        "response_ids": [np.asarray(r, np.int32) for r in data["responses"]],
+        "behaviour_logp": behaviour_logp, "finish_reason": "length", "iteration": 0})
+    table = scored_table(rollout, {"teacher": teacher_logp}, combined=teacher_logp)
+    fs, stage = filesystem(str(work / "scored"))
+    prov = build_provenance("scored", iteration=0, config_hash=cfg.config_hash(),
+                            teachers=[{"name": "teacher", "path": data["teacher"], "weight": 1.0}],
+                            combination="mixture")
+    info = write_part(fs, stage, 0, table, prov, vocab_size=args.vocab)
+    commit_parts(fs, stage, "scored", {0: info}, cfg.config_hash())
+    return {"config": str(work / "run.yaml"), "scored_dir": stage, "init_checkpoint": data["student"]}
+
+
+def opd_run(work: Path, paths: dict, world: int, threads: int, k: int) -> dict:
+    """One opd training iteration; world 1 in this process (launcher=auto), else torchrun."""
+    out = {"out_checkpoint": str(work / f"ckpt-w{world}-{k}"), "train_dir": str(work / f"train-w{world}-{k}")}
+    t0 = time.perf_counter()
+    if world == 1:
+        from opd_tasks.trainer.worker import TrainArgs, run
+        m = run(TrainArgs(**paths, **out, iteration=0))
+    else:
+        from opd_tasks.trainer.launch import launch_training
+        m = launch_training(**paths, **out, iteration=0, nproc_per_node=world,
+                            env={"OMP_NUM_THREADS": str(threads)}, on_line=lambda line: None)
+    wall = time.perf_counter() - t0
+    for d in out.values():
+        shutil.rmtree(d, ignore_errors=True)
+    train_s = m["old_logp_seconds"] + m["seconds"]
+    return {"seconds": train_s, "tokens": m["input_tokens"], "wall_s": wall, "steps": len(m["steps"]),
+            "old_logp_s": m["old_logp_seconds"], "after_first_tok_s": m["tokens_per_s_after_first_step"]}
+
+
+def trl_run(work: Path, data: dict, args, lmbda: float, k: int) -> dict:
+    """One epoch of GKDTrainer over the same rows; times and token counts from inside its steps."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    stats = {"tokens": 0, "seconds": 0.0, "steps": 0, "threads": torch.get_num_threads()}
+
+    class Counting(GKDTrainer):
+        def compute_loss(self, model, inputs, *a, **kw):
+            stats["tokens"] += int(inputs["attention_mask"].sum())  # after on-policy generation
+            return super().compute_loss(model, inputs, *a, **kw)
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **kw):
+            stats["seconds"] += time.perf_counter() - self.t0
+            stats["steps"] += 1
+
+    rows = [{"messages": [{"role": "user", "content": text(p)}, {"role": "assistant", "content": text(r)}]}
+            for p, r in zip(data["prompts"], data["responses"])]
+    conf = GKDConfig(output_dir=str(work / f"trl-{lmbda}-{k}"), per_device_train_batch_size=args.batch,
+                     gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=1e-5, lmbda=lmbda, beta=1.0,
+                     temperature=1.0, max_new_tokens=args.response_len, max_length=4096, use_cpu=True, bf16=False,
+                     gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=10_000,
+                     dataloader_num_workers=0, lr_scheduler_type="constant", max_grad_norm=1.0, seed=k,
+                     disable_tqdm=True)
+    student = AutoModelForCausalLM.from_pretrained(data["student"], dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(data["teacher"], dtype=torch.float32)
+    trainer = Counting(model=student, teacher_model=teacher, args=conf, train_dataset=Dataset.from_list(rows),
+                       processing_class=AutoTokenizer.from_pretrained(data["student"]), callbacks=[Clock()])
+    trainer.train()
+    shutil.rmtree(work / f"trl-{lmbda}-{k}", ignore_errors=True)
+    return stats
+
+
+def score_and_rollout(data: dict, args) -> tuple[dict, list, list]:
+    """opd's own rollout (HFGenerator, same prompts, response_len new tokens) and scoring
+    (HFScorer: teacher log-probs, and the student's as behaviour_logp) times, and their outputs."""
+    from opd_tasks.engines.base import SamplingParams
+    from opd_tasks.engines.hf import HFGenerator, HFScorer
+
+    teacher = HFScorer(data["teacher"], progress=False)
+    student = HFScorer(data["student"], progress=False)
+    gen = HFGenerator(data["student"], progress=False)
+    t0 = time.perf_counter()
+    gen.generate(data["prompts"], 1, SamplingParams(max_new_tokens=args.response_len, seed=0))
+    t_gen = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    teacher_logp = teacher.score(data["prompts"], data["responses"])
+    t_score = time.perf_counter() - t0
+    behaviour = student.score(data["prompts"], data["responses"])
+    return {"rollout": t_gen, "score": t_score}, teacher_logp, behaviour
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--teacher-hidden", type=int, default=512, help="default: bench_scoring.py's 27M model")
+    ap.add_argument("--teacher-layers", type=int, default=6)
+    ap.add_argument("--teacher-heads", type=int, default=8)
+    ap.add_argument("--teacher-same", action="store_true", help="teacher = the student's architecture")
+    ap.add_argument("--samples", type=int, default=32, help="rows per run (an epoch)")
+    ap.add_argument("--batch", type=int, default=8, help="rows per optimizer step (both trainers)")
+    ap.add_argument("--prompt-median", type=float, default=24)
+    ap.add_argument("--response-len", type=int, default=64, help="response tokens (= TRL max_new_tokens)")
+    ap.add_argument("--micro-batch-tokens", type=int, default=8192, help="opd train.micro_batch_tokens")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (per rank for opd)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", default="opd_w1,opd_w2,trl_on,trl_off")
+    args = ap.parse_args()
+    quiet_env()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+    torch.set_num_threads(args.threads)
+    if args.samples % args.batch:
+        ap.error("--samples must be a multiple of --batch")
+    variants = args.variants.split(",")
+
+    # TRL's trainer and opd's in-process worker print progress to stdout: keep stdout for the JSON
+    with tempfile.TemporaryDirectory(prefix="opd-bench-training-") as d, contextlib.redirect_stdout(sys.stderr):
+        work = Path(d)
+        data = build(work, args)
+        times: dict[str, list] = {v: [] for v in variants + ["opd_rollout", "opd_score"]}
+        rates: dict[str, list] = {v: [] for v in variants}
+        runs: dict[str, dict] = {}
+        paths = None
+        for k in range(args.repeat):
+            pre, teacher_logp, behaviour = score_and_rollout(data, args)
+            times["opd_rollout"].append(pre["rollout"])
+            times["opd_score"].append(pre["score"])
+            paths = paths or write_scored_run(work, data, args, teacher_logp, behaviour)
+            for v in variants:
+                if v.startswith("opd_w"):
+                    r = opd_run(work, paths, int(v[5:]), args.threads, k)
+                else:
+                    r = trl_run(work, data, args, 1.0 if v == "trl_on" else 0.0, k)
+                times[v].append(r["seconds"])
+                rates[v].append(r["tokens"] / r["seconds"])
+                runs.setdefault(v, r)
+                log(f"repeat {k}: {v} {r['seconds']:.2f} s, {r['tokens']} tokens, {r['steps']} steps")
+        from transformers import AutoConfig, AutoModelForCausalLM
+        params = {n: round(sum(p.numel() for p in AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(data[n])).parameters()) / 1e6, 2) for n in ("student", "teacher")}
+
+    tok_s = {v: max(r) for v, r in rates.items()}  # best of --repeat
+    best = {v: min(t) for v, t in times.items() if t}
+    opd = "opd_w1" if "opd_w1" in variants else None
+    tokens = runs[opd]["tokens"] if opd else None
+    # the pipeline adds opd's own rollout / scoring of the same rows to its training time
+    off_pipe = tokens / (best["opd_score"] + tokens / tok_s[opd]) if opd else None
+    on_pipe = tokens / (best["opd_rollout"] + best["opd_score"] + tokens / tok_s[opd]) if opd else None
+
+    def ratio(a, b):
+        return round(a / b, 2) if a and b else None
+
+    emit({
+        "params_m": params, "samples": args.samples, "batch": args.batch,
+        "response_len": args.response_len, "tokens_per_run": {v: runs[v]["tokens"] for v in variants},
+        "threads": args.threads,
+        **{f"{v}_tok_s": round(tok_s[v]) for v in variants},
+        "speedup_vs_trl_gkd_onpolicy": ratio(tok_s.get(opd), tok_s.get("trl_on")),
+        "speedup_vs_trl_gkd_offpolicy": ratio(tok_s.get(opd), tok_s.get("trl_off")),
+        "speedup_vs_trl_gkd_onpolicy_pipeline": ratio(on_pipe, tok_s.get("trl_on")),
+        "speedup_vs_trl_gkd_offpolicy_pipeline": ratio(off_pipe, tok_s.get("trl_off")),
+        "opd_w2_vs_w1": ratio(tok_s.get("opd_w2"), tok_s.get("opd_w1")),
+        "opd_onpolicy_pipeline_tok_s": round(on_pipe) if opd else None,
+        "opd_offpolicy_pipeline_tok_s": round(off_pipe) if opd else None,
+        "seconds": {v: [round(x, 3) for x in t] for v, t in times.items() if t},
+        "opd_wall_s": {v: round(runs[v]["wall_s"], 2) for v in variants if v.startswith("opd")},
+        "opd_old_logp_s": {v: round(runs[v]["old_logp_s"], 3) for v in variants if v.startswith("opd")},
+        "trl_torch_threads": {v: runs[v]["threads"] for v in variants if v.startswith("trl")},
+        "machine": machine(), "versions": versions("torch", "transformers", "trl"),
+    })
+
+
+if __name__ == "__main__":
+    main()
