@@ -18,7 +18,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from flows.iteration import opd_iteration
 from opd_tasks.config import RunConfig, load_config
 from opd_tasks.context import RunContext, prepare_run
-from opd_tasks.summary import iteration_summary, record_iteration
+from opd_tasks.summary import iteration_summary, record_iteration, recorded_iterations
 from storage.manifest import stage_status
 
 
@@ -59,6 +59,9 @@ def run_config(cfg: RunConfig, run_dir: str | None = None, iterations: int | Non
     ctx = prepare_run(cfg, run_dir)
     total = ctx.cfg.iterations
     start = first_incomplete(ctx, total)
+    recorded = recorded_iterations(ctx)
+    for n in sorted(set(range(start)) - recorded):  # killed between its eval manifest and its metrics line
+        record_iteration(ctx, iteration_summary(ctx, n, {}))
     logger.info("run %s: %d/%d iterations complete, config %s", ctx.run_dir, start, total, ctx.config_hash)
     key = _artifact_key(f"{cfg.name}-progress")
     progress = create_progress_artifact(progress=100.0 * start / max(total, 1), key=key,

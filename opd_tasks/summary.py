@@ -57,6 +57,10 @@ def iteration_summary(ctx: RunContext, iteration: int, stages: dict[str, StageRe
             "tokens_per_s": {k: round(s.tokens_per_s, 1) for k, s in stages.items() if not s.skipped and s.tokens}}
 
 
+def recorded_iterations(ctx: RunContext) -> set[int]:
+    return {r.get("iteration") for r in read_metrics(ctx)}
+
+
 def record_iteration(ctx: RunContext, row: dict) -> bool:
     """Append the row to metrics.jsonl unless this iteration is already there (resume-safe)."""
     fs, path = ctx.layout.fs, ctx.layout.metrics_jsonl

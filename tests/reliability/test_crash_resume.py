@@ -22,8 +22,8 @@ reference's (same rows, no duplicate, none missing), train and eval metrics and 
 the reference's except timings and paths, and both checkpoints' hf/model.safetensors and DCP data
 files (model + optimizer state + RNG) are bitwise equal (CPU, same thread count: no tolerance).
 
-A second test (xfail, strict) records a crash window the fault points do not reach: after the last
-eval manifest, before the iteration's metrics.jsonl line; a resume does not write the line.
+A second test covers a crash window the fault points do not reach: after the last eval manifest,
+before the iteration's metrics.jsonl line; a resume writes the missing line.
 """
 from __future__ import annotations
 
@@ -207,9 +207,6 @@ def test_kill_at_every_fault_point_then_resume_gives_the_uninterrupted_result(tm
     assert len(weights) == 2 * ITERATIONS and _weights(run) == weights
 
 
-@pytest.mark.xfail(strict=True, reason="flows/run.py appends an iteration's metrics.jsonl line only right after "
-                   "running it, and a resume starts after the last iteration whose eval manifest exists: a kill "
-                   "between that manifest and the append loses the line for good")
 def test_a_kill_after_the_last_eval_manifest_but_before_the_metrics_line_is_healed_on_resume(tmp_path, reference,
                                                                                              opd_cli):
     run = tmp_path / "run"
