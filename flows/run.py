@@ -77,6 +77,7 @@ def run_config(cfg: RunConfig, run_dir: str | None = None, iterations: int | Non
 
 
 def run_from_config(config: Path | str, run_dir: str | None = None, iterations: int | None = None) -> dict:
+    load_config(config)  # a bad config fails here, before Prefect starts
     return opd_run(str(config), run_dir=run_dir, iterations=iterations)
 
 

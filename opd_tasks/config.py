@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from storage.errors import OpdError
+
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
 Dtype = Literal["float32", "bfloat16", "float16"]
 Engine = Literal["hf", "vllm", "remote"]
@@ -26,7 +28,7 @@ Engine = Literal["hf", "vllm", "remote"]
 MUTABLE_FIELDS = ("iterations", "run_dir", "eval.every")
 
 
-class ConfigError(ValueError):
+class ConfigError(OpdError, ValueError):
     """A config that cannot run; the message names the file, the field and the fix."""
 
 
