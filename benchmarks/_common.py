@@ -64,14 +64,14 @@ def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def matmul_flops(threads: int, sizes=(512, 1024, 2048), repeat: int = 5) -> float:
-    """This machine's float32 matmul FLOP/s on `threads` torch threads: best over sizes x repeats."""
+def matmul_flops(threads: int, dtype: str = "float32", sizes=(512, 1024, 2048), repeat: int = 5) -> float:
+    """This machine's matmul FLOP/s in `dtype` on `threads` torch threads: best over sizes x repeats."""
     import torch
 
     torch.set_num_threads(threads)
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
         a @ b
         for _ in range(repeat):
             t0 = time.perf_counter()

@@ -5,6 +5,7 @@ iteration; bytes per response token per teacher of the scored shards. Prints one
     .venv/bin/python benchmarks/bench_iteration.py                 # demo scale (configs/toy.yaml), ~2-3 min
     .venv/bin/python benchmarks/bench_iteration.py --iterations 3  # more warm iterations
     .venv/bin/python benchmarks/bench_iteration.py --size test     # the small test world
+    .venv/bin/python benchmarks/bench_iteration.py --prefect-server --prompts 512   # production-like
 
 The toy world is built (or reused from its cache) before anything is timed. The run itself goes
 in a fresh process, exactly like `opd run configs/toy.yaml --iterations N` with an empty
@@ -18,13 +19,15 @@ Definitions:
   student and the teachers, which runs inside iteration 0's eval stage).
 - overhead = iteration wall time - compute. It is broken into: process start (interpreter) and
   imports, Prefect (flow/task-run orchestration, its temporary server's start and stop, summaries
-  and artifacts: everything outside the stages), model loading (per stage), Parquet I/O (shard
+  and artifacts: everything outside the stages), model loading (per stage; the rollout's includes
+  its tokenizer load, whose first call imports transformers' tokenizer code), Parquet I/O (shard
   writes/reads), checkpoint save (DCP train state + HF export) and other (tokenizing, verifiers,
   manifests, ... the rest of each stage).
 - the cold iteration is iteration 0 of a fresh process (+ process exit): what `opd run
   --iterations 1` costs. A warm iteration is a later one in the same process (engines stay
   loaded, the Prefect server is up, the baseline is done): the per-iteration cost of `opd demo`.
-overhead_fraction is the cold iteration's; overhead_fraction_warm the mean of the warm ones.
+overhead_fraction is the cold iteration's; overhead_fraction_warm the mean of the warm ones;
+overhead_fraction_run_estimate = 1 cold + (config iterations - 1) warm ones, a whole `opd demo`.
 """
 from __future__ import annotations
 
@@ -235,6 +238,8 @@ def main() -> None:
     ap.add_argument("--size", choices=("demo", "test"), default=None,
                     help="toy world size (default: the config's; test uses ~/.cache/opd/toy-test)")
     ap.add_argument("--iterations", type=int, default=2, help="iteration 0 is cold, the rest warm")
+    ap.add_argument("--prompts", type=int, help="rollout.prompts_per_iteration (default: the config's)")
+    ap.add_argument("--group-size", type=int, help="rollout.group_size (default: the config's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--keep", help="keep the run directory here (default: a temporary one)")
     ap.add_argument("--prefect-server", action="store_true",
@@ -255,6 +260,8 @@ def main() -> None:
     if args.size and cfg.toy_world and args.size != cfg.toy_world.size:
         tw = {"dir": str(Path(cfg.toy_world.dir).expanduser()) + f"-{args.size}", "size": args.size}
         cfg = cfg.model_copy(update={"toy_world": cfg.toy_world.model_copy(update=tw)})
+    rollout = {k: v for k, v in (("prompts_per_iteration", args.prompts), ("group_size", args.group_size)) if v}
+    cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update=rollout)})
     t0 = time.time()
     if cfg.toy_world:
         import torch
@@ -289,9 +296,16 @@ def main() -> None:
         rows = summarize(res, launch, done, args.iterations)
         size = scored_bytes(run_dir, 0, len(cfg.teachers))
     warm = rows[1:]
+    n_run = cfg.iterations  # what a whole run of the config costs: one cold iteration + (N-1) warm ones
+    est = None
+    if warm:
+        w_wall = sum(r["wall_s"] for r in warm) / len(warm)
+        w_comp = sum(r["compute_s"] for r in warm) / len(warm)
+        est = round(1 - (rows[0]["compute_s"] + (n_run - 1) * w_comp) / (rows[0]["wall_s"] + (n_run - 1) * w_wall), 3)
     emit({
         "overhead_fraction": rows[0]["overhead_fraction"],
         "overhead_fraction_warm": round(sum(r["overhead_fraction"] for r in warm) / len(warm), 3) if warm else None,
+        "overhead_fraction_run_estimate": est, "run_iterations": n_run,
         **{k: v for k, v in size.items()},
         "stages_s": rows[0]["stages_s"], "wall_s": rows[0]["wall_s"], "compute_s": rows[0]["compute_s"],
         "iterations": rows, "process_wall_s": round(done - launch, 2),

