@@ -4,7 +4,7 @@ sequence lengths, on-policy (lmbda=1: the student generates, the teacher runs in
 off-policy (lmbda=0: dataset responses, the teacher still runs inside the step). Prints one JSON object.
 
     bash benchmarks/setup_bench_env.sh                        # once: .venv-bench with trl (never in .venv)
-    .venv-bench/bin/python benchmarks/bench_training.py       # ~4-6 min on 2 busy cores, 1 thread
+    .venv-bench/bin/python benchmarks/bench_training.py       # ~3-5 min on 2 busy cores, 1 thread
     .venv-bench/bin/python benchmarks/bench_training.py --teacher-same        # teacher = student's size
     .venv-bench/bin/python benchmarks/bench_training.py --hidden 512 --layers 6 --heads 8 --samples 64
 
