@@ -106,10 +106,6 @@ def versions(*names: str) -> dict:
     return out
 
 
-def best_of(times: list[float]) -> float:
-    return min(times)
-
-
 def run_json(cmd: list[str], env: dict | None = None, timeout: float = 900) -> dict:
     """Run a helper process whose last stdout line is a JSON object; its stderr passes through."""
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout,
