@@ -1,22 +1,26 @@
 """Plain-torch supervised fine-tuning for the toy world: AdamW, teacher forcing, loss on answers only.
 
-    sft(model, tokenizer, sampler, steps=600, batch_size=64, lr=1e-3)
+    trainer = SFT(model, tokenizer, lr=2e-3)
+    losses = trainer.train(sampler.batch(64, {"add": 1.0}) for _ in range(100))   # 100 steps
+    trainer.train(...)                                                             # continue
 
 A training row is <bos> prompt answer <eos>, right-padded (positions start at 0 in every row, as with
 left padding plus an attention mask at generation time). The loss is the mean cross-entropy over the
-answer tokens and the <eos> that ends them; prompt tokens and padding carry no loss.
+answer tokens and the <eos> that ends them; prompt tokens and padding carry no loss. The learning rate
+warms up linearly, then stays constant: the builder trains in chunks of unknown number.
 """
 from __future__ import annotations
 
-import math
-from typing import Iterator
+from typing import Iterable
 
 import torch
 
+Example = tuple[str, str, str]  # (prompt, answer, domain)
 
-def encode_batch(tokenizer, examples: list[tuple[str, str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """examples: (prompt, answer, domain). Returns input_ids [B, L], attention_mask [B, L],
-    labels [B, L] (-100 except on answer tokens and the final <eos>)."""
+
+def encode_batch(tokenizer, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns input_ids [B, L], attention_mask [B, L], labels [B, L] (-100 except on answer tokens
+    and the final <eos>)."""
     rows, labels = [], []
     for prompt, answer, _ in examples:
         p = tokenizer(prompt)["input_ids"]
@@ -37,31 +41,28 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-def sft(model, tokenizer, sampler: Iterator[tuple[str, str, str]], steps: int, batch_size: int,
-        lr: float, warmup: int = 20, weight_decay: float = 0.0, log_every: int = 0) -> list[float]:
-    """Train `model` in place for `steps` AdamW steps (linear warmup, cosine decay to lr/10).
-    Returns the loss of every step."""
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+class SFT:
+    """One model, one AdamW optimizer, trained over as many `train` calls as needed."""
 
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    def __init__(self, model, tokenizer, lr: float, warmup: int = 20, grad_clip: float = 1.0):
+        self.model, self.tokenizer, self.lr, self.warmup, self.grad_clip = model, tokenizer, lr, warmup, grad_clip
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+        self.steps = 0
 
-    losses = []
-    for step in range(steps):
-        ids, mask, labels = encode_batch(tokenizer, [next(sampler) for _ in range(batch_size)])
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        loss = answer_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            print(f"  sft step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
-    model.eval()
-    return losses
+    def train(self, batches: Iterable[list[Example]]) -> list[float]:
+        """One optimizer step per batch; returns each step's loss. Leaves the model in eval mode."""
+        self.model.train()
+        losses = []
+        for examples in batches:
+            ids, mask, labels = encode_batch(self.tokenizer, examples)
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr * min(1.0, (self.steps + 1) / self.warmup)
+            loss = answer_loss(self.model(input_ids=ids, attention_mask=mask).logits, labels)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.opt.step()
+            self.steps += 1
+            losses.append(loss.item())
+        self.model.eval()
+        return losses

@@ -45,12 +45,15 @@ def make_example(domain: str, rng: random.Random, spec: TaskSpec) -> tuple[str, 
     raise ValueError(f"unknown toy domain {domain!r}; toy domains: {DOMAINS}")
 
 
-def make_splits(spec: TaskSpec, n_train: int, n_eval: int, seed: int) -> dict[str, list[dict]]:
-    """{"train": rows, "eval": rows}, n_* prompts per domain, unique and disjoint across splits."""
+def make_splits(spec: TaskSpec, n_train: int, n_eval: int, seed: int, n_dev: int = 0) -> dict[str, list[dict]]:
+    """{"eval", "dev" (when n_dev), "train"}: n_* prompts per domain, unique and disjoint across splits.
+    eval is drawn first, so it does not depend on n_dev or n_train."""
     rng = random.Random(f"toy-data-{seed}")
     seen: set[str] = set()
     splits: dict[str, list[dict]] = {}
-    for split, n in (("eval", n_eval), ("train", n_train)):
+    for split, n in (("eval", n_eval), ("dev", n_dev), ("train", n_train)):
+        if split == "dev" and not n:
+            continue
         per_domain = {}
         for domain in DOMAINS:
             rows = []
@@ -70,14 +73,24 @@ def make_splits(spec: TaskSpec, n_train: int, n_eval: int, seed: int) -> dict[st
     return splits
 
 
-def sft_sampler(spec: TaskSpec, domains: tuple[str, ...], exclude: set[str], seed: int):
-    """Endless (prompt, answer, domain) for supervised training, never a prompt in `exclude`."""
-    rng = random.Random(f"toy-sft-{seed}-{','.join(domains)}")
-    while True:
-        domain = domains[rng.randrange(len(domains))]
-        prompt, answer = make_example(domain, rng, spec)
-        if prompt not in exclude:
-            yield prompt, answer, domain
+class SFTSampler:
+    """Endless supervised examples (prompt, answer, domain), never a prompt in `exclude`; the domain
+    weights may change from one batch to the next."""
+
+    def __init__(self, spec: TaskSpec, exclude: set[str], seed: int):
+        self.spec, self.exclude = spec, exclude
+        self.rng = random.Random(f"toy-sft-{seed}")
+
+    def batch(self, n: int, weights: dict[str, float]) -> list[tuple[str, str, str]]:
+        domains = sorted(d for d, w in weights.items() if w > 0)
+        out = []
+        for domain in self.rng.choices(domains, [weights[d] for d in domains], k=n):
+            while True:  # redraw within the domain: exclusions must not shift the domain mix
+                prompt, answer = make_example(domain, self.rng, self.spec)
+                if prompt not in self.exclude:
+                    out.append((prompt, answer, domain))
+                    break
+        return out
 
 
 def write_rows(rows: list[dict], path: Path) -> None:

@@ -6,17 +6,25 @@
 
 Layout of a world directory (world.json is written last: a world counts only when it exists):
 
-    world.json  tokenizer/  base/  student/  teachers/add/  teachers/rev/  data/{train,eval}.parquet
+    world.json  tokenizer/  student/  teachers/add/  teachers/rev/  data/{train,eval}.parquet
 
 Every model directory holds HF safetensors weights + the tokenizer, so `from_pretrained(dir)` and
-vLLM load it directly. Lineage (one Llama architecture for all):
+vLLM load it directly. Lineage (one Llama architecture for all, SFT on answers only):
 
-    init --student_steps on add+rev--> student --base_steps on add+rev--> base
-    base --teacher_steps on add only--> teachers/add (teacher "adder")
-    base --teacher_steps on rev only--> teachers/rev (teacher "reverser")
+    init    --SFT on add + rev until both are in student_band-->   student
+    student --SFT on add only until teacher_target-->                teachers/add (teacher "adder")
+    student --SFT on rev only until teacher_target-->                teachers/rev (teacher "reverser")
 
-so the student is an earlier point of the teachers' own training path: OPD can take it there.
-Everything is a function of (size, seed, BUILDER_VERSION) and the torch thread count.
+so the student is an earlier point of each teacher's own training path: OPD can take it there.
+The student is weak but not lost: it writes well-formed answers and gets some right, because
+sampled reverse KL learns nothing from a student whose samples are noise (measured: a student
+at 3% collapsed to 0% under OPD at every learning rate tried).
+
+Stopping is steered by dev accuracy (a private split, disjoint from train and eval, never trained
+on), every `chunk` steps: these small models learn each task in a sudden jump whose timing moves
+with the seed, so fixed step counts gave a student already at 98% on one seed and a teacher stuck
+at 39% on another. Everything is a function of (size, seed, BUILDER_VERSION); training runs on
+spec.threads threads.
 """
 from __future__ import annotations
 
@@ -32,9 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from opd_tasks.errors import OpdError
-from opd_tasks.toy.tasks import DOMAINS, TaskSpec, make_splits, sft_sampler, write_rows
+from opd_tasks.toy.tasks import DOMAINS, SFTSampler, TaskSpec, make_splits, write_rows
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 3
 TEACHER_NAMES = {"add": "adder", "rev": "reverser"}  # configs/toy.yaml uses these names
 
 
@@ -51,9 +59,13 @@ class WorldSpec:
     tasks: TaskSpec
     n_train: int            # prompts per domain in data/train.parquet
     n_eval: int             # prompts per domain in data/eval.parquet
-    student_steps: int      # SFT steps on both domains from init to the student
-    base_steps: int         # further steps on both domains from the student to the teachers' base
-    teacher_steps: dict = field(default_factory=dict)  # domain -> SFT steps on that domain from base
+    n_dev: int              # prompts per domain the builder steers by (never trained on, not shipped)
+    student_band: tuple     # (lo, hi): the student stops once every domain's dev accuracy is in it ...
+    student_max_steps: int  # ... or at this many steps, then keeps its closest checkpoint
+    teacher_target: float   # a teacher stops once its domain has this dev accuracy ...
+    teacher_max_steps: int  # ... or after this many steps
+    chunk: int = 10         # steps between dev evaluations
+    maintenance: float = 0.3  # student mix weight of a domain inside the band (below: 1, above: 0)
     batch_size: int = 64
     lr: float = 2e-3
     threads: int = 1        # 1: under load, 2 threads on 2 cores ran 2-6x slower per step
@@ -61,13 +73,15 @@ class WorldSpec:
 
 SIZES = {
     "demo": WorldSpec(hidden_size=128, num_heads=4, num_layers=2, intermediate_size=256,
-                      tasks=TaskSpec(max_digits=3, min_letters=3, max_letters=6), n_train=4096, n_eval=256,
-                      student_steps=150, base_steps=0, teacher_steps={"add": 400, "rev": 150}),
+                      tasks=TaskSpec(max_digits=3, min_letters=3, max_letters=5),
+                      n_train=4096, n_eval=256, n_dev=64, student_band=(0.3, 0.6), student_max_steps=1500,
+                      teacher_target=0.95, teacher_max_steps=1000),
     "test": WorldSpec(hidden_size=128, num_heads=4, num_layers=2, intermediate_size=256,
-                      tasks=TaskSpec(max_digits=2, min_letters=3, max_letters=4), n_train=256, n_eval=64,
-                      student_steps=100, base_steps=0, teacher_steps={"add": 200, "rev": 100}, lr=3e-3),
+                      tasks=TaskSpec(max_digits=2, min_letters=3, max_letters=4),
+                      n_train=256, n_eval=64, n_dev=32, student_band=(0.1, 0.4), student_max_steps=600,
+                      teacher_target=0.75, teacher_max_steps=600, chunk=20, batch_size=32),
 }
-TOY_URIS = ("student", "base", "tokenizer", "teachers/add", "teachers/rev", "teachers/adder",
+TOY_URIS = ("student", "tokenizer", "teachers/add", "teachers/rev", "teachers/adder",
             "teachers/reverser", "data/train.parquet", "data/eval.parquet")
 
 
@@ -94,8 +108,10 @@ def read_world(out: str | Path) -> dict | None:
 
 
 def _matches(world: dict | None, size: str, seed: int) -> bool:
-    return bool(world) and (world.get("builder_version"), world.get("size"), world.get("seed")) == \
-        (BUILDER_VERSION, size, seed)
+    """A complete world built by this builder with this size, seed and (unedited) spec."""
+    spec = json.loads(json.dumps(asdict(SIZES[size])))
+    return bool(world) and (world.get("builder_version"), world.get("size"), world.get("seed"),
+                            world.get("spec")) == (BUILDER_VERSION, size, seed, spec)
 
 
 @contextmanager
@@ -115,7 +131,6 @@ def _paths(out: Path) -> dict:
     return {
         "dir": str(out),
         "student": {"path": str(out / "student")},
-        "base": {"path": str(out / "base")},
         "teachers": {TEACHER_NAMES[d]: {"domain": d, "path": str(out / "teachers" / d)} for d in DOMAINS},
         "tokenizer": {"path": str(out / "tokenizer")},
         "data": {n: {"path": str(out / "data" / f"{n}.parquet")} for n in ("train", "eval")},
@@ -140,8 +155,8 @@ def _relocate(world: dict, out: Path) -> dict:
 
 
 def build_world(out: str | Path, size: str = "demo", seed: int = 0, force: bool = False) -> Path:
-    """Build the toy world into `out` (or reuse the complete one there built with the same size, seed
-    and builder version). Returns the absolute world directory."""
+    """Build the toy world into `out` (or reuse the complete one there built with the same size, seed,
+    spec and builder version). Returns the absolute world directory."""
     if size not in SIZES:
         raise ToyWorldError(f"toy world size {size!r} is unknown; use one of {sorted(SIZES)}")
     out = Path(out).expanduser().resolve()
@@ -164,29 +179,79 @@ def _save_model(model, tokenizer, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _dev_accuracy(model, tok, dev: list[dict], max_new: int) -> dict[str, float]:
+    from opd_tasks.evaluate import accuracy_by_domain, greedy_generate
+    return accuracy_by_domain(dev, greedy_generate(model, tok, [r["prompt"] for r in dev], max_new))
+
+
+def _band_miss(acc: dict[str, float], band: tuple) -> float:
+    """How far the accuracies are outside [lo, hi], summed over domains (0: all inside)."""
+    lo, hi = band
+    return sum(max(0.0, lo - a) + max(0.0, a - hi) for a in acc.values())
+
+
+def _train_student(model, tok, sampler, dev, spec: WorldSpec, max_new: int) -> list[dict]:
+    """Mixed SFT until every domain's dev accuracy is inside student_band at one check. Each chunk's
+    mix follows the last check: a domain below the band gets weight 1, inside it `maintenance`,
+    above it 0 (these models forget a domain within ~10 steps of not seeing it, so a pause pulls
+    it back). At the step cap the checkpoint closest to the band is kept.
+    Returns the dev curve: [{"step": s, DOMAIN: acc, ...}]."""
+    from opd_tasks.toy.sft import SFT
+    lo, hi = spec.student_band
+    trainer, weights, curve = SFT(model, tok, spec.lr), {d: 1.0 for d in DOMAINS}, []
+    best = (float("inf"), None, None)
+    while trainer.steps < spec.student_max_steps:
+        trainer.train(sampler.batch(spec.batch_size, weights) for _ in range(spec.chunk))
+        acc = _dev_accuracy(model, tok, dev, max_new)
+        curve.append({"step": trainer.steps, **acc})
+        miss = _band_miss(acc, spec.student_band)
+        if miss == 0:
+            return curve
+        if miss < best[0] and model is not None:
+            best = (miss, copy.deepcopy(model.state_dict()), len(curve))
+        weights = {d: 1.0 if acc[d] < lo else 0.0 if acc[d] > hi else spec.maintenance for d in DOMAINS}
+    if best[1] is not None:
+        model.load_state_dict(best[1])
+        curve = curve[:best[2]]
+    return curve
+
+
+def _train_teacher(model, tok, sampler, dev, domain: str, spec: WorldSpec, max_new: int) -> list[dict]:
+    """SFT on `domain` only until its dev accuracy reaches teacher_target. Returns the dev curve."""
+    from opd_tasks.toy.sft import SFT
+    trainer, curve, dev = SFT(model, tok, spec.lr), [], [r for r in dev if r["domain"] == domain]
+    while trainer.steps < spec.teacher_max_steps:
+        trainer.train(sampler.batch(spec.batch_size, {domain: 1.0}) for _ in range(spec.chunk))
+        curve.append({"step": trainer.steps, **_dev_accuracy(model, tok, dev, max_new)})
+        if curve[-1][domain] >= spec.teacher_target:
+            break
+    return curve
+
+
 def _build(out: Path, spec: WorldSpec, size: str, seed: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     from opd_tasks.evaluate import greedy_accuracy
-    from opd_tasks.toy.sft import sft
     from opd_tasks.toy.tokenizer import build_tokenizer
 
     t0 = time.time()
     (out / "world.json").unlink(missing_ok=True)  # the old world (if any) stops counting right away
-    for stale in ("tokenizer", "base", "student", "teachers", "data"):
+    for stale in ("tokenizer", "student", "teachers", "data", "base"):  # base: builder v1
         shutil.rmtree(out / stale, ignore_errors=True)
     threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
     torch.set_num_threads(spec.threads)
-    hf_logging.disable_progress_bar()  # "Writing model shards" x 5 says nothing here
+    hf_logging.disable_progress_bar()  # "Writing model shards" x 4 says nothing here
     try:
         tok = build_tokenizer()
         tok.save_pretrained(out / "tokenizer")
-        splits = make_splits(spec.tasks, spec.n_train, spec.n_eval, seed)
+        splits = make_splits(spec.tasks, spec.n_train, spec.n_eval, seed, n_dev=spec.n_dev)
+        dev = splits.pop("dev")
         for name, rows in splits.items():
             write_rows(rows, out / "data" / f"{name}.parquet")
-        held_out = {r["prompt"] for r in splits["eval"]}  # SFT never sees an eval prompt
+        held_out = {r["prompt"] for r in splits["eval"] + dev}  # SFT never sees an eval or dev prompt
+        max_new = spec.tasks.max_digits + spec.tasks.max_letters + 2  # covers every answer + <eos>
 
         torch.manual_seed(seed)
         model_config = LlamaConfig(
@@ -196,23 +261,17 @@ def _build(out: Path, spec: WorldSpec, size: str, seed: int) -> None:
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         model = LlamaForCausalLM(model_config)
         model.generation_config.pad_token_id = tok.pad_token_id
-        both = sft_sampler(spec.tasks, DOMAINS, held_out, seed)
-        sft(model, tok, both, spec.student_steps, spec.batch_size, spec.lr)
+        sampler = SFTSampler(spec.tasks, held_out, seed)
+        curves = {"student": _train_student(model, tok, sampler, dev, spec, max_new)}
         _save_model(model, tok, out / "student")
-        if spec.base_steps:
-            sft(model, tok, both, spec.base_steps, spec.batch_size, spec.lr)
-        _save_model(model, tok, out / "base")
         for domain in DOMAINS:
             teacher = copy.deepcopy(model)
-            sampler = sft_sampler(spec.tasks, (domain,), held_out, seed)
-            sft(teacher, tok, sampler, spec.teacher_steps[domain], spec.batch_size, spec.lr)
+            curves[TEACHER_NAMES[domain]] = _train_teacher(teacher, tok, sampler, dev, domain, spec, max_new)
             _save_model(teacher, tok, out / "teachers" / domain)
         t_train = time.time() - t0
 
-        # Accuracy from the saved directories, as any user would load them.
-        max_new = spec.tasks.max_digits + spec.tasks.max_letters + 2
-        models = {"student": "student", "base": "base",
-                  **{TEACHER_NAMES[d]: f"teachers/{d}" for d in DOMAINS}}
+        # Accuracy on the eval split from the saved directories, as any user would load them.
+        models = {"student": "student", **{TEACHER_NAMES[d]: f"teachers/{d}" for d in DOMAINS}}
         accuracy = {name: greedy_accuracy(str(out / rel), splits["eval"], max_new_tokens=max_new)
                     for name, rel in models.items()}
     finally:
@@ -224,6 +283,9 @@ def _build(out: Path, spec: WorldSpec, size: str, seed: int) -> None:
         "tokenizer": {"vocab_size": len(tok)},
         "data": {name: {"rows": len(rows)} for name, rows in splits.items()},
         "accuracy": accuracy,
+        "eval": {"split": "eval", "max_new_tokens": max_new, "decoding": "greedy"},
+        "steps": {name: curve[-1]["step"] for name, curve in curves.items()},
+        "dev_curves": curves,
         "examples": {d: next(r for r in splits["eval"] if r["domain"] == d) for d in DOMAINS},
         "spec": asdict(spec),
         "model_config": {k: v for k, v in model_config.to_dict().items()
@@ -231,7 +293,6 @@ def _build(out: Path, spec: WorldSpec, size: str, seed: int) -> None:
         "sha256": {rel: _sha256(out / rel / "model.safetensors") for rel in models.values()}
         | {f"data/{n}.parquet": _sha256(out / "data" / f"{n}.parquet") for n in splits},
         "build_seconds": {"train": round(t_train, 1), "total": round(time.time() - t0, 1)},
-        "threads": spec.threads,
     }, _paths(out))
     _write_json_atomic(out / "world.json", world)
 
