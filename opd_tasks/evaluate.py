@@ -90,10 +90,15 @@ def accuracy_by_domain(rows: Sequence[dict], responses: Sequence[str]) -> dict[s
 
 def greedy_accuracy(model_path: str, rows: Any, max_new_tokens: int = 32, token_budget: int = 16384,
                     num_threads: int | None = None) -> dict[str, float]:
-    """{domain: accuracy in [0, 1]} of greedy decoding of the model at `model_path` on `rows`."""
+    """{domain: accuracy in [0, 1]} of greedy decoding of the model at `model_path` on `rows`.
+    num_threads: torch threads for this call only (the previous setting is restored)."""
     rows = _as_rows(rows)
+    before = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(num_threads)
-    model, tok = load_model(model_path)
-    responses = greedy_generate(model, tok, [r["prompt"] for r in rows], max_new_tokens, token_budget)
+    try:
+        model, tok = load_model(model_path)
+        responses = greedy_generate(model, tok, [r["prompt"] for r in rows], max_new_tokens, token_budget)
+    finally:
+        torch.set_num_threads(before)
     return accuracy_by_domain(rows, responses)

@@ -32,8 +32,11 @@ def test_accuracy_by_domain_hand_counted():
 
 def test_greedy_accuracy_accepts_a_table_and_matches_rows(toy_world):
     table = pq.read_table(toy_world / "data" / "eval.parquet").slice(0, 16)
-    path = str(toy_world / "student")
-    assert greedy_accuracy(path, table, max_new_tokens=8) == greedy_accuracy(path, table.to_pylist(), max_new_tokens=8)
+    import torch
+    path, threads = str(toy_world / "student"), torch.get_num_threads()
+    assert greedy_accuracy(path, table, max_new_tokens=8, num_threads=1) == \
+        greedy_accuracy(path, table.to_pylist(), max_new_tokens=8)
+    assert torch.get_num_threads() == threads          # num_threads applies to the call only
 
 
 def test_bad_rows_and_bad_paths_are_user_errors(toy_world, tmp_path):
