@@ -130,6 +130,47 @@ class DataConfig(_Model):
     eval: str | None = Field(None, description="eval prompts, same columns")
 
 
+class OfflineGenerateConfig(_Model):
+    model: str = Field("route", description="teacher NAME that samples every prompt, or route: each prompt "
+                                            "is sampled by the teacher of its domain")
+    prompts: int = Field(256, gt=0, description="prompts drawn from data.train (a permutation by the run seed; "
+                                                "wraps around when larger than the set)")
+    group_size: int = Field(1, gt=0, description="responses sampled per prompt")
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int | None = Field(None, gt=0, description="default: rollout.max_new_tokens")
+
+
+class OfflineFilterConfig(_Model):
+    min_reward: float | None = Field(None, description="drop rows whose verifier reward is below this (and rows "
+                                                       "without a reward)")
+    min_teacher_logp_per_token: float | None = Field(
+        None, le=0, description="drop rows whose mean combined teacher log-prob per response token is below this")
+
+
+class OfflineConfig(_Model):
+    """The offline phase: a warm start by SFT on teacher-generated or given responses, before iteration 0."""
+    source: Literal["generate", "dataset"] = Field("generate", description="generate: teachers sample "
+                                                   "responses (offline.generate); dataset: offline.dataset")
+    dataset: str | None = Field(None, description="Parquet/JSONL of prompt+response (text) or prompt_ids+"
+                                                  "response_ids; optional sample_id, prompt_id, domain, reward, answer")
+    generate: OfflineGenerateConfig = Field(default_factory=OfflineGenerateConfig)
+    loss: Literal["sft"] = Field("sft", description="sft: mean negative log-likelihood of the response tokens")
+    aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    epochs: int = Field(1, gt=0, description="passes over the kept rows")
+    mini_batches: int = Field(4, gt=0, description="optimizer steps per epoch")
+    lr: float | None = Field(None, gt=0, description="default: train.lr")
+    filter: OfflineFilterConfig = Field(default_factory=OfflineFilterConfig)
+
+    @model_validator(mode="after")
+    def _source(self) -> "OfflineConfig":
+        if self.source == "dataset" and not self.dataset:
+            raise ValueError("offline.source=dataset needs offline.dataset (a Parquet/JSONL path)")
+        if self.source == "generate" and self.dataset:
+            raise ValueError("offline.dataset is read only with offline.source: dataset; set the source or "
+                             "remove the dataset")
+        return self
+
+
 class ToyWorldConfig(_Model):
     dir: str = Field("~/.cache/opd/toy", description="where the world is built and cached")
     size: Literal["demo", "test"] = "demo"
@@ -152,6 +193,7 @@ class RunConfig(_Model):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     data: DataConfig
+    offline: OfflineConfig | None = Field(None, description="warm start before iteration 0 (absent: none)")
 
     @model_validator(mode="after")
     def _teachers(self) -> "RunConfig":
@@ -175,6 +217,15 @@ class RunConfig(_Model):
                 raise ValueError(f"scoring.engine=remote: teachers {missing} have no url")
         if self.rollout.engine == "remote" and not self.rollout.url:
             raise ValueError("rollout.engine=remote needs rollout.url")
+        if self.offline is not None and self.offline.source == "generate":
+            model = self.offline.generate.model
+            if model == "route":
+                missing = [t.name for t in self.teachers if not t.domain]
+                if missing:
+                    raise ValueError(f"offline.generate.model=route: teachers {missing} have no domain; set "
+                                     f"teachers[].domain or name one teacher (one of {names})")
+            elif model not in names:
+                raise ValueError(f"offline.generate.model: {model!r} is not a teacher; use one of {names} or route")
         return self
 
     @property
@@ -184,7 +235,7 @@ class RunConfig(_Model):
 
     def config_hash(self, ignore: tuple[str, ...] = MUTABLE_FIELDS) -> str:
         """Identity of a run: sha256 of the canonical JSON of every field but `ignore` (dotted)."""
-        data = self.model_dump(mode="json", by_alias=True)
+        data = self._dump()
         for dotted in ignore:
             *parents, leaf = dotted.split(".")
             node = data
@@ -194,8 +245,16 @@ class RunConfig(_Model):
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def _dump(self) -> dict[str, Any]:
+        """JSON-able fields; an absent offline block is left out, so runs made before it existed keep
+        their config hash."""
+        data = self.model_dump(mode="json", by_alias=True)
+        if data.get("offline") is None:
+            data.pop("offline", None)
+        return data
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+        return yaml.safe_dump(self._dump(), sort_keys=False)
 
 
 def _format_errors(source: str, err: ValidationError) -> str:
