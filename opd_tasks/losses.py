@@ -1,4 +1,5 @@
-"""The losses of on-policy distillation, pure torch: rkl, gopd (G-OPD / ExOPD), kdrl (GRPO + KD).
+"""The losses of on-policy distillation, pure torch: rkl, gopd (G-OPD / ExOPD), kdrl (GRPO + KD),
+and sft (negative log-likelihood of given responses: the offline warm start).
 
 Each loss returns `(loss, metrics)`: a scalar to MINIMIZE and a dict of python floats. The math
 and its notation (s_t, old_t, b_t, T_t, R_t, m_t) are those of docs ALGORITHMS.md.
@@ -36,7 +37,7 @@ from typing import Optional
 import torch
 
 Tensor = torch.Tensor
-_KINDS = ("rkl", "gopd", "kdrl")
+_KINDS = ("rkl", "gopd", "kdrl", "sft")
 _AGGREGATIONS = ("token_mean", "seq_mean")
 _ESTIMATORS = ("k2", "pg", "k3", "reward")
 
@@ -44,7 +45,7 @@ _ESTIMATORS = ("k2", "pg", "k3", "reward")
 @dataclass(frozen=True)
 class LossParams:
     """One loss; fields mirror opd_tasks.config.LossConfig (w_kd already annealed, see annealed_w_kd)."""
-    kind: str = "rkl"                    # rkl | gopd | kdrl
+    kind: str = "rkl"                    # rkl | gopd | kdrl | sft
     lam: float = 1.0                     # gopd: reward scale lambda; 1 = rkl, > 1 = ExOPD
     discount: float = 0.0                # gamma of the discounted future reward (rkl, gopd, kdrl pg); 0 = own token
     clip_eps_low: Optional[float] = 0.2  # PPO: rho clipped below at 1 - eps (None: no lower clip)
@@ -335,17 +336,46 @@ def kdrl_loss(logp: Tensor, teacher_logp: Tensor, mask: Tensor, *, advantages: O
     return loss, _metrics(loss, m, old, T, teacher_logps, ratio, clipped, tis, extra)
 
 
+def sft_loss(logp: Tensor, mask: Tensor, *, teacher_logp: Optional[Tensor] = None,
+             params: Optional[LossParams] = None,
+             normalizer: Optional[float] = None) -> tuple[Tensor, dict[str, float]]:
+    """Supervised fine-tuning on fixed responses: per-token loss -s_t (the negative log-likelihood),
+    aggregated like every other loss (params.aggregation, normalizer); off-policy, so no ratio,
+    clip or TIS.
+
+    logp (s_t, with grad): [B, R] float; mask: [B, R] bool; teacher_logp (T_t, metrics only):
+    [B, R] or None. Metrics: loss (this call's share), nll (token mean of -s_t), teacher_nll (token
+    mean of -T_t: how likely the teachers find the data), tokens, sequences.
+    """
+    p = params or LossParams(kind="sft")
+    m, x = _inputs(mask, logp=logp, teacher_logp=teacher_logp)
+    s = x["logp"]
+    loss = _aggregate(torch.where(m, -s, 0.0), m, p.aggregation, normalizer)
+    with torch.no_grad():
+        denom = m.sum().clamp(min=1)
+        vals = {"loss": loss.detach(), "nll": -s.detach().sum() / denom}
+        if x["teacher_logp"] is not None:
+            vals["teacher_nll"] = -x["teacher_logp"].detach().sum() / denom
+        vals.update(tokens=m.sum(), sequences=torch.tensor(m.shape[0], device=m.device))
+        floats = torch.stack([v.double().reshape(()) for v in vals.values()]).tolist()  # one sync
+    return loss, dict(zip(vals, floats))
+
+
 def compute_loss(params: LossParams, batch: dict[str, Tensor],
                  normalizer: Optional[float] = None) -> tuple[Tensor, dict[str, float]]:
     """The trainer's one call: dispatch on params.kind.
 
-    batch keys: logp, teacher_logp, mask (required); old_logp, behaviour_logp, ref_logp (gopd),
+    batch keys: logp, teacher_logp, mask (required; sft: logp, mask); old_logp, behaviour_logp, ref_logp (gopd),
     advantages and rewards (kdrl), and teacher_logp.NAME per teacher (metrics); others are ignored.
     normalizer: global valid tokens (token_mean) or sequences (seq_mean) of the mini-batch.
     """
-    missing = [k for k in ("logp", "teacher_logp", "mask") if k not in batch]
+    required = ("logp", "mask") if params.kind == "sft" else ("logp", "teacher_logp", "mask")
+    missing = [k for k in required if k not in batch]
     if missing:
         raise ValueError(f"compute_loss: batch lacks {missing} (has {sorted(batch)})")
+    if params.kind == "sft":
+        return sft_loss(batch["logp"], batch["mask"], teacher_logp=batch.get("teacher_logp"), params=params,
+                        normalizer=normalizer)
     teachers = {k.split(".", 1)[1]: v for k, v in batch.items() if k.startswith("teacher_logp.")}
     common = dict(old_logp=batch.get("old_logp"), behaviour_logp=batch.get("behaviour_logp"), params=params,
                   normalizer=normalizer, teacher_logps=teachers or None)
