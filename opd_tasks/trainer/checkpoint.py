@@ -24,6 +24,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 # Files of an HF model directory that the export writes itself (everything else: tokenizer files,
 # chat template, generation_config.json, is copied from the init model into the export).
 _MODEL_FILES = ("config.json",)
+# Optimizer param-group keys that pick an implementation (not state): a checkpoint written by a
+# single-tensor AdamW must not turn a fused one back into single-tensor on resume.
+_IMPL_KEYS = ("fused", "foreach", "capturable", "differentiable")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
 
 
@@ -69,7 +72,10 @@ def load_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dcp_dir
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd, "train": ""}
     dcp.load(state, checkpoint_id=dcp_dir)
+    impl = [{k: g[k] for k in _IMPL_KEYS if k in g} for g in optimizer.param_groups]
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for g, keep in zip(optimizer.param_groups, impl):  # how to step is this optimizer's, not the saved one's
+        g.update(keep)
     return json.loads(state["train"])
 
 

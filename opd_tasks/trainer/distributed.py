@@ -62,14 +62,20 @@ def close_distributed(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def shard_model(model: torch.nn.Module, mesh: DeviceMesh, mixed_precision: str = "none") -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, mesh: DeviceMesh, mixed_precision: str = "none",
+                force: bool = False) -> torch.nn.Module:
     """fully_shard each transformer block (the model's `_no_split_modules` classes), then the root.
 
+    One rank in float32 (and not `force`): the model is only moved to the mesh's device. Sharding
+    over one rank changes no number but costs per-step time (DTensor bookkeeping, hooks); the loop,
+    the checkpoints (DCP reshards plain <-> sharded state) and the HF export take either.
     Gradients are reduced as a SUM over ranks (divide factor 1): each rank's loss is already
     divided by the global token count, so the sum is the mini-batch gradient.
     bf16: parameters are cast to bf16 for compute; gradients are reduced in float32 and the
-    optimizer keeps float32 master weights.
+    optimizer keeps float32 master weights (this goes through fully_shard at any world size).
     """
+    if mesh.size() == 1 and mixed_precision == "none" and not force:
+        return model.to(mesh.device_type)
     mp = MixedPrecisionPolicy()
     if mixed_precision == "bf16":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
