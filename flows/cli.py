@@ -6,7 +6,9 @@
     opd resume R                           # continue R where it stopped
     opd status R [--json]                  # per iteration, which stages are done
     opd inspect R --iteration 3 [--json]   # where teachers and student disagree
+    opd inspect R --offline                # the offline phase: what was kept and dropped, and why
     opd score CONFIG --input D --output O  # score an existing dataset offline
+    opd generate CONFIG --model T --output O   # teacher T (or route) samples responses: rollout shards
 
 Implementations are imported inside each command so that `opd --help` stays fast.
 """
@@ -142,6 +144,27 @@ def score(
     from flows.score_dataset import score_dataset_from_cli
     try:
         score_dataset_from_cli(config, input_path=input, output=output)
+    except _user_errors() as err:
+        _fail(err)
+
+
+@app.command()
+def generate(
+    config: Path = typer.Argument(..., help="config naming the student (tokenizer), the teachers and data.train"),
+    model: str = typer.Option(..., "--model", help="teacher NAME that samples every prompt, or route (each "
+                                                   "prompt by the teacher of its domain)"),
+    output: str = typer.Option(..., "--output", help="directory for the rollout shards + manifest"),
+    prompts: int = typer.Option(256, help="prompts drawn from data.train"),
+    group_size: int = typer.Option(1, help="responses per prompt"),
+    temperature: float = typer.Option(1.0, help="sampling temperature"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="default: the config's rollout.max_new_tokens"),
+) -> None:
+    """Sample responses with a teacher instead of the student: rollout shards with the teacher's
+    behaviour log-probs and the verifier rewards (the offline phase's data, on its own)."""
+    from flows.offline import generate_from_cli
+    try:
+        generate_from_cli(config, output, model, prompts=prompts, group_size=group_size, temperature=temperature,
+                          max_new_tokens=max_new_tokens)
     except _user_errors() as err:
         _fail(err)
 

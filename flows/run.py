@@ -1,11 +1,13 @@
-"""A whole run: N iterations of rollout -> score -> train -> evaluate, resumable.
+"""A whole run: an optional offline phase, then N iterations of rollout -> score -> train -> evaluate,
+resumable.
 
     opd run configs/toy.yaml --run-dir runs/toy     # or: python -m flows.run configs/toy.yaml runs/toy
     opd resume runs/toy                             # same thing, from the stored run.yaml
 
 `opd_run` writes run.yaml once (a changed config is refused unless only `iterations`-like fields
-changed), finds the first iteration that is not complete, and runs the rest, one subflow per
-iteration. After each iteration it appends a line to metrics.jsonl and publishes a Prefect table
+changed), runs the offline phase (flows/offline.py) when the config has an `offline:` block (its
+finished stages are skipped), finds the first iteration that is not complete, and runs the rest,
+one subflow per iteration. After each iteration it appends a line to metrics.jsonl and publishes a Prefect table
 artifact; a progress artifact tracks the run.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from flows.iteration import opd_iteration
+from flows.offline import opd_offline
 from opd_tasks.config import RunConfig, load_config
 from opd_tasks.context import RunContext, prepare_run
 from opd_tasks.summary import iteration_summary, record_iteration, recorded_iterations
@@ -57,6 +60,8 @@ def run_config(cfg: RunConfig, run_dir: str | None = None, iterations: int | Non
     run_dir = run_dir or cfg.run_dir or f"runs/{cfg.name}"
     cfg = cfg.model_copy(update={**updates, "run_dir": run_dir})
     ctx = prepare_run(cfg, run_dir)
+    if ctx.cfg.offline is not None:  # the warm start: iteration 0 starts from its checkpoint
+        opd_offline(ctx.run_dir)
     total = ctx.cfg.iterations
     start = first_incomplete(ctx, total)
     recorded = recorded_iterations(ctx)

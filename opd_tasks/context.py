@@ -45,16 +45,28 @@ class RunContext:
     def run_dir(self) -> str:
         return self.layout.url
 
+    @property
+    def warm_start(self) -> bool:
+        """The run has an offline phase: iteration 0 starts from its checkpoint, not student.path."""
+        return self.cfg.offline is not None
+
     def student_path(self, iteration: int) -> str:
-        """The student that samples iteration `iteration`: the initial model, or the HF export of
-        the checkpoint written after training iteration - 1."""
-        path = rollout_student(self.layout, iteration, initial=self.cfg.student.path)
-        return path if iteration == 0 else self.layout.url_of(path)
+        """The student that samples iteration `iteration`: the initial model (or, with an offline
+        phase, its checkpoint's HF export) for iteration 0, else the HF export of the checkpoint
+        written after training iteration - 1."""
+        path = rollout_student(self.layout, iteration, initial=self.cfg.student.path, warm_start=self.warm_start)
+        return path if iteration == 0 and not self.warm_start else self.layout.url_of(path)
 
     @property
     def reference_path(self) -> str:
-        """G-OPD pi_ref: configured, or the student's initial checkpoint."""
-        return self.cfg.reference.path if self.cfg.reference else self.cfg.student.path
+        """G-OPD pi_ref: configured, or the student's iteration-0 weights (the initial checkpoint, or
+        the offline phase's checkpoint when the run has one)."""
+        if self.cfg.reference:
+            return self.cfg.reference.path
+        return self.student_path(0) if self.warm_start else self.cfg.student.path
+
+    def offline_dir(self, stage: str) -> str:
+        return self.layout.offline_dir(stage)
 
     def stage_dir(self, iteration: int, stage: str) -> str:
         return self.layout.stage_dir(iteration, stage)

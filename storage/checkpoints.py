@@ -10,12 +10,13 @@ Paths and completeness only: the trainer writes the files (torch DCP, save_pretr
 A checkpoint is complete exactly when its _MANIFEST.json exists. commit_checkpoint writes it only
 when dcp/.metadata and hf/config.json are there (DCP writes .metadata last), and lists every file
 with its size (and sha256 for files up to `checksum_max_bytes`). Iteration 0's rollout uses the
-initial student (the config's student.path), not a checkpoint.
+initial student (the config's student.path), or, when the run has an offline phase, the HF export
+of RUN/checkpoints/offline/ (same files, written by the offline train stage).
 
     trainer:  save DCP to dcp_dir(layout, n), export HF to hf_dir(layout, n), then
               commit_checkpoint(layout, n, config_hash=h)
     by path:  hf_dir(path), dcp_dir(path), is_complete(fs, path) for a checkpoint directory path
-    rollout:  rollout_student(layout, n, initial=cfg.student.path)
+    rollout:  rollout_student(layout, n, initial=cfg.student.path, warm_start=cfg.offline is not None)
 """
 from __future__ import annotations
 
@@ -109,11 +110,27 @@ def read_checkpoint_manifest(layout: RunLayout, n: int, verify: bool = False) ->
     return read_manifest(layout.fs, layout.checkpoint_dir(n), verify=verify)
 
 
-def rollout_student(layout: RunLayout, iteration: int, initial: str) -> str:
-    """The HF weights the rollout of `iteration` samples from: `initial` for iteration 0, else the HF
-    export of checkpoint iteration-1 (ManifestError when that checkpoint is not complete)."""
+def offline_checkpoint_status(layout: RunLayout) -> Status:
+    """done / partial / missing of RUN/checkpoints/offline (the student after the offline phase)."""
+    return stage_status(layout.fs, layout.offline_checkpoint_dir())
+
+
+def warm_start_dir(layout: RunLayout) -> str:
+    """hf/ of the offline phase's checkpoint; ManifestError when it is not complete."""
+    d = layout.offline_checkpoint_dir()
+    status = offline_checkpoint_status(layout)
+    if status != "done":
+        raise ManifestError(f"{d}: the checkpoint after the offline phase is {status}; iteration 0 starts from it, "
+                            f"so finish the offline phase first (opd resume)")
+    return hf_dir(d)
+
+
+def rollout_student(layout: RunLayout, iteration: int, initial: str, warm_start: bool = False) -> str:
+    """The HF weights the rollout of `iteration` samples from: for iteration 0 `initial`, or with
+    warm_start the HF export of the offline phase's checkpoint; else the HF export of checkpoint
+    iteration-1 (ManifestError when the checkpoint it needs is not complete)."""
     if iteration == 0:
-        return initial
+        return warm_start_dir(layout) if warm_start else initial
     prev = iteration - 1
     if checkpoint_status(layout, prev) != "done":
         raise ManifestError(f"{layout.checkpoint_dir(prev)}: checkpoint after training iteration {prev} is "

@@ -4,8 +4,9 @@
       run.yaml                          the resolved config, written once
       metrics.jsonl                     one line per iteration
       iter-000003/{rollout,scored,train,eval}/   parts + _MANIFEST.json (written last)
-      offline/{rollout,scored,train}/   the offline phase (a dataset scored once)
+      offline/{rollout,scored,filter,train,evaluation}/  the offline phase (warm start before iteration 0)
       checkpoints/iter-000003/          state after training iteration 3 (storage/checkpoints.py)
+      checkpoints/offline/              state after the offline phase (iteration 0's student)
 
     layout = RunLayout("s3://bucket/runs/demo", {"key": ..., "secret": ...})
     layout.stage_dir(3, "scored")       # "bucket/runs/demo/iter-000003/scored" (a path in layout.fs)
@@ -24,7 +25,8 @@ from storage.fs import (append_jsonl, filesystem, is_local, list_dir, read_json,
                         write_bytes_atomic, write_json_atomic, write_text_atomic)
 
 STAGES = ("rollout", "scored", "train", "eval")
-OFFLINE_STAGES = ("rollout", "scored", "train")
+OFFLINE_STAGES = ("rollout", "scored", "filter", "train", "evaluation")
+OFFLINE = "offline"
 ITER_RE = re.compile(r"^iter-(\d{6})$")
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -109,6 +111,10 @@ class RunLayout:
     def checkpoint_dir(self, n: int) -> str:
         """The checkpoint AFTER training iteration n (the student of iteration n+1's rollout)."""
         return self.join("checkpoints", iteration_name(n))
+
+    def offline_checkpoint_dir(self) -> str:
+        """The checkpoint after the offline phase: the student of iteration 0 when one is configured."""
+        return self.join("checkpoints", OFFLINE)
 
     def iterations(self) -> list[int]:
         """Iterations that have a directory (any state), ascending."""

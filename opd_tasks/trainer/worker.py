@@ -2,6 +2,10 @@
 
 read config + scored shards -> build and shard the student (HF init or previous DCP state) ->
 train_iteration -> DCP train state + HF export + checkpoint manifest -> metrics + train manifest.
+
+Iteration -1 (OFFLINE_ITERATION) is the offline phase: the rows the offline filter kept (its
+decisions sit beside the scored dir, in ../filter), the `sft` loss, offline.epochs x
+offline.mini_batches steps at offline.lr (default train.lr). Everything else is the same code.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import math
 import posixpath
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -28,6 +32,7 @@ from storage.fs import exists, filesystem, is_local, read_bytes
 from storage.manifest import MANIFEST_NAME, Manifest, commit_manifest, remove_tmp_files, write_json_part
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OFFLINE_ITERATION = -1  # the offline phase's "iteration" (as in its shards' iteration column)
 
 
 @dataclass(frozen=True)
@@ -53,11 +58,23 @@ def read_config(url: str) -> RunConfig:
 
 
 def loss_params(cfg: RunConfig, iteration: int) -> LossParams:
+    if iteration == OFFLINE_ITERATION:
+        if cfg.offline is None:
+            raise TrainError("iteration -1 is the offline phase, but the config has no offline block")
+        return LossParams(kind=cfg.offline.loss, aggregation=cfg.offline.aggregation, tis_cap=None)
     lc = cfg.loss
     return LossParams(kind=lc.kind, lam=lc.lam, discount=lc.discount, clip_eps_low=lc.clip_eps_low,
                       clip_eps_high=lc.clip_eps_high, tis_cap=lc.tis_cap, aggregation=lc.aggregation,
                       w_rl=lc.w_rl, w_kd=annealed_w_kd(lc.w_kd, lc.w_kd_end, iteration, cfg.iterations),
                       kd_estimator=lc.kd_estimator, kd_only_incorrect=lc.kd_only_incorrect)
+
+
+def offline_phase(loop: LoopConfig, optimizer: torch.optim.Optimizer, cfg: RunConfig) -> LoopConfig:
+    """The offline phase's epochs, optimizer steps per epoch and learning rate (offline.lr, default train.lr)."""
+    lr = cfg.offline.lr if cfg.offline.lr is not None else cfg.train.lr
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    return replace(loop, epochs=cfg.offline.epochs, mini_batches=cfg.offline.mini_batches)
 
 
 def rank_seed(seed: int, iteration: int, rank: int) -> int:
@@ -95,10 +112,14 @@ def _url(fs, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
-def load_rows(scored_dir: str, cfg: RunConfig):
+def load_rows(scored_dir: str, cfg: RunConfig, iteration: int = 0):
     from storage.shards import read_stage  # noqa: PLC0415 - storage.shards pulls pyarrow.dataset
     fs, path = filesystem(scored_dir)
     table = read_stage(fs, path)
+    if iteration == OFFLINE_ITERATION:  # the kept rows; a teacher's behaviour_logp is not the student's old_t
+        from opd_tasks.offline import kept_rows  # noqa: PLC0415
+        return rows_from_table(kept_rows(fs, path, table).drop_columns(["behaviour_logp"]), scored_dir,
+                               need_behaviour=False)
     return rows_from_table(table, scored_dir, need_ref=cfg.needs_reference, need_reward=cfg.loss.kind == "kdrl",
                            need_behaviour=cfg.loss.tis_cap is not None)
 
@@ -142,7 +163,7 @@ def run(args: TrainArgs) -> dict:
     cfg = read_config(args.config)
     params = loss_params(cfg, args.iteration)
     hf_url, dcp_url = resolve_init(args.init_checkpoint)
-    rows = load_rows(args.scored_dir, cfg)
+    rows = load_rows(args.scored_dir, cfg, args.iteration)
     d = init_distributed(cfg.train.device)
     try:
         if d.rank == 0:  # a re-run stage is not done until its new manifest is written
@@ -165,6 +186,8 @@ def run(args: TrainArgs) -> dict:
         loop = LoopConfig(epochs=cfg.train.epochs, mini_batches=cfg.train.mini_batches,
                           micro_batch_tokens=cfg.train.micro_batch_tokens, grad_clip=cfg.train.grad_clip,
                           seed=cfg.seed, iteration=args.iteration)
+        if args.iteration == OFFLINE_ITERATION:  # the offline phase: its own epochs, steps and lr
+            loop = offline_phase(loop, optimizer, cfg)
         result = train_iteration(model, optimizer, rows, params, loop, d.device, step=step, on_step=print_step)
         save_checkpoint(model, optimizer, args, cfg, hf_url, result["step"])
         metrics = {"iteration": args.iteration, "w_kd": params.w_kd, "loss_kind": params.kind,
