@@ -3,6 +3,7 @@
     status_report("runs/demo")                     # per iteration: stage done/partial/missing, checkpoints
     inspect_report("runs/demo", iteration=3)       # per teacher: mean log-prob, KL estimates, mixture share
     inspect_report("runs/demo", sample="3-p7-1")   # ... plus that sample token by token
+    inspect_report("runs/demo", offline=True)      # the offline data, + what the filter kept and dropped, and why
 
 Per response token t of a sample (ALGORITHMS.md notation): b = behaviour_logp (the student that
 sampled), T^k = teacher_logp.NAME, T = teacher_logp (combined). With d = b - T^k:
@@ -25,7 +26,7 @@ import pyarrow.compute as pc
 import yaml
 
 from opd_tasks.errors import LayoutError, OpdError
-from storage.checkpoints import checkpoint_status, latest_checkpoint
+from storage.checkpoints import checkpoint_status, latest_checkpoint, offline_checkpoint_status
 from storage.fs import exists, filesystem, read_bytes
 from storage.layout import STAGES, OFFLINE_STAGES, RunLayout
 from storage.manifest import MANIFEST_NAME, read_manifest, stage_status, stray_files
@@ -47,7 +48,7 @@ def _f(x: Any, nd: int = 6) -> float | None:
 def status_report(run_dir: str, storage_options: dict | None = None) -> dict:
     """{"run_dir", "name", "iterations_planned", "iterations": [{"iteration": N, "stages": {stage:
     "done"|"partial"|"missing"}, "rows": {...}, "stray": {...}, "checkpoint": status}],
-    "latest_checkpoint": {"iteration", "path"} | None, "offline": {stage: status} | None}."""
+    "latest_checkpoint": {"iteration", "path"} | None, "offline": {stage: status, "checkpoint": status} | None}."""
     layout = RunLayout(run_dir, storage_options)
     fs = layout.fs
     if not layout.exists():
@@ -73,6 +74,7 @@ def status_report(run_dir: str, storage_options: dict | None = None) -> dict:
         iterations.append(entry)
     latest = latest_checkpoint(layout)
     offline = {s: stage_status(fs, layout.offline_dir(s)) for s in OFFLINE_STAGES}
+    offline["checkpoint"] = offline_checkpoint_status(layout)
     return {
         "run_dir": layout.url,
         "name": cfg.get("name") if isinstance(cfg, dict) else None,
@@ -278,7 +280,33 @@ def inspect_report(run_dir: str, iteration: int | None = None, sample: str | Non
     report = {"stage_dir": stage_dir, "iteration": it if it is not None else prov.get("iteration"),
               "tokenizer": note, "provenance": prov, "stage_extra": manifest.extra if manifest else {}}
     report.update(analyze(table, prov, top=top, sample=sample, decode=decode))
+    if offline and it is None and stage_dir.rstrip("/").endswith("offline/scored"):
+        report["filter"] = filter_report(fs, stage_dir.rstrip("/").rsplit("/", 1)[0] + "/filter", table, top, decode)
     return report
+
+
+def filter_report(fs, filter_dir: str, table: pa.Table, top: int,
+                  decode: Callable[[list[int]], str | None]) -> dict | None:
+    """What the offline filter kept and dropped: counts by reason and by domain, the thresholds, and
+    up to `top` examples per reason (None when the filter has not run)."""
+    m = read_manifest(fs, filter_dir)
+    if m is None:
+        return None
+    from opd_tasks.offline import read_decisions
+    d = read_decisions(fs, filter_dir)
+    row_of = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
+    examples: dict[str, list] = {}
+    for j, why in enumerate(d["reason"]):
+        if len(examples.setdefault(why, [])) >= top:
+            continue
+        i = row_of.get(d["sample_id"][j])
+        ids = table.column("response_ids")[i].as_py() if i is not None else []
+        examples[why].append({"sample_id": d["sample_id"][j], "domain": d["domain"][j], "reward": d["reward"][j],
+                              "teacher_logp_per_token": d["teacher_logp_per_token"][j],
+                              "response_len": d["response_len"][j], "response": decode(ids), "response_ids": ids})
+    return {"filter_dir": filter_dir, **{k: m.extra.get(k) for k in ("rows", "kept", "dropped", "reasons",
+                                                                     "by_domain", "filter")},
+            "examples": examples}
 
 
 # ---- rendering (rich) ---------------------------------------------------------------------------------
@@ -309,10 +337,12 @@ def render_status(report: dict, console=None) -> None:
         tab.add_row(str(it["iteration"]), *cells, rows, stray)
     con.print(tab)
     latest = report.get("latest_checkpoint")
+    warm = (report.get("offline") or {}).get("checkpoint") == "done"
     con.print(f"latest checkpoint: iteration {latest['iteration']} at {latest['path']}" if latest
-              else "latest checkpoint: none (iteration 0 rolls out from the initial student)")
+              else "latest checkpoint: none (iteration 0 rolls out from the " +
+              ("offline phase's checkpoint, checkpoints/offline)" if warm else "initial student)"))
     if report.get("offline"):
-        con.print("offline: " + ", ".join(f"{s} {v}" for s, v in report["offline"].items()))
+        con.print("offline phase: " + ", ".join(f"{s} [{_COLOR[v]}]{v}[/]" for s, v in report["offline"].items()))
 
 
 def _fmt(x: Any) -> str:
@@ -367,6 +397,8 @@ def render_inspect(report: dict, console=None) -> None:
                     repr(t["context"]) if t["context"] is not None else "", _fmt(t["behaviour_logp"]),
                     _fmt(t["teacher_logp"]), _fmt(t["diff"]))
     con.print(tab)
+    if report.get("filter"):
+        _render_filter(con, report["filter"])
     s = report.get("sample")
     if s:
         names = list(s["tokens"][0]["teachers"]) if s["tokens"] else []
@@ -378,3 +410,29 @@ def render_inspect(report: dict, console=None) -> None:
             tab.add_row(str(t["position"]), _tok(t["token"], t["token_id"]), _fmt(t["behaviour_logp"]),
                         _fmt(t["teacher_logp"]), *(_fmt(t["teachers"][k]) for k in names), _fmt(t["diff"]))
         con.print(tab)
+
+
+def _render_filter(con, f: dict) -> None:
+    from rich.table import Table
+
+    con.print(f"[bold]offline filter[/] {f['filter']}: kept {f['kept']} of {f['rows']} rows, dropped {f['dropped']}")
+    tab = Table(title="rows by reason")
+    for c in ("reason", "rows"):
+        tab.add_column(c)
+    for why, n in f["reasons"].items():
+        tab.add_row(why, str(n))
+    con.print(tab)
+    tab = Table(title="per domain")
+    for c in ("domain", "kept", "dropped"):
+        tab.add_column(c, justify="right")
+    for d, v in f["by_domain"].items():
+        tab.add_row(d, str(v["kept"]), str(v["dropped"]))
+    con.print(tab)
+    tab = Table(title="examples")
+    for c in ("reason", "sample_id", "domain", "reward", "teacher logp/token", "len", "response"):
+        tab.add_column(c)
+    for why, rows in f["examples"].items():
+        for r in rows:
+            tab.add_row(why, r["sample_id"], str(r["domain"]), _fmt(r["reward"]), _fmt(r["teacher_logp_per_token"]),
+                        str(r["response_len"]), r["response"] if r["response"] is not None else _ids(r["response_ids"]))
+    con.print(tab)
