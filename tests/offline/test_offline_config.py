@@ -1,0 +1,66 @@
+"""The `offline:` block: defaults, validation errors that name the field, and config identity
+(a config without the block hashes exactly as before the block existed)."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opd_tasks.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def minimal(**over) -> dict:
+    d = {"student": {"path": "s"},
+         "teachers": [{"name": "adder", "path": "a", "domain": "add"}, {"name": "reverser", "path": "r", "domain": "rev"}],
+         "combination": "route", "data": {"train": "t.parquet"}}
+    d.update(over)
+    return d
+
+
+def test_defaults_and_an_absent_block():
+    assert parse_config(minimal()).offline is None
+    off = parse_config(minimal(offline={})).offline
+    assert (off.source, off.generate.model, off.generate.prompts, off.generate.group_size) == ("generate", "route", 256, 1)
+    assert (off.loss, off.epochs, off.mini_batches, off.lr) == ("sft", 1, 4, None)
+    assert off.filter.min_reward is None and off.filter.min_teacher_logp_per_token is None
+
+
+def test_an_absent_block_keeps_the_config_hash_of_runs_made_before_it():
+    """Pinned: configs/toy.yaml hashed to caf589398877d61e before the offline block existed."""
+    cfg = load_config(ROOT / "configs" / "toy.yaml")
+    assert cfg.config_hash() == "caf589398877d61e"
+    assert "offline" not in yaml.safe_load(cfg.to_yaml())
+    with_block = parse_config({**yaml.safe_load(cfg.to_yaml()), "offline": {}})
+    assert with_block.config_hash() != cfg.config_hash()
+    assert parse_config(yaml.safe_load(with_block.to_yaml())).config_hash() == with_block.config_hash()
+
+
+@pytest.mark.parametrize("offline, match", [
+    ({"source": "dataset"}, r"offline.source=dataset needs offline.dataset"),
+    ({"dataset": "d.parquet"}, r"offline.dataset is read only with offline.source: dataset"),
+    ({"generate": {"model": "nobody"}}, r"offline.generate.model: 'nobody' is not a teacher; use one of \['adder', 'reverser'\]"),
+    ({"epochs": 0}, r"offline.epochs"),
+    ({"generate": {"prompts": 0}}, r"offline.generate.prompts"),
+    ({"filter": {"min_teacher_logp_per_token": 0.5}}, r"offline.filter.min_teacher_logp_per_token"),
+    ({"lr": -1}, r"offline.lr"),
+    ({"los": "sft"}, r"offline.los: unknown field"),
+    ({"loss": "rkl"}, r"offline.loss"),
+])
+def test_bad_blocks_are_refused_naming_the_field(offline, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(minimal(offline=offline), "x.yaml")
+
+
+def test_route_generation_needs_every_teacher_to_have_a_domain():
+    d = minimal(combination="mixture", offline={"generate": {"model": "route"}})
+    d["teachers"][1]["domain"] = None
+    with pytest.raises(ConfigError, match=r"offline.generate.model=route: teachers \['reverser'\] have no domain"):
+        parse_config(d)
+    d["offline"]["generate"]["model"] = "adder"  # one named teacher needs no domains
+    assert parse_config(d).offline.generate.model == "adder"
+
+
+def test_a_dataset_source_does_not_check_the_generation_model():
+    off = parse_config(minimal(offline={"source": "dataset", "dataset": "d.jsonl", "generate": {"model": "x"}})).offline
+    assert off.dataset == "d.jsonl"
