@@ -9,6 +9,7 @@ of forward/backward calls (FSDP collectives must match).
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -37,6 +38,7 @@ class Rows:
     prompt_ids: list[str]
     advantages: torch.Tensor | None = None
     teachers: list[str] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)  # the scored stage's (Parquet metadata), {} if none
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -116,7 +118,16 @@ def rows_from_table(table: pa.Table, source: str, *, need_ref: bool = False, nee
         input_ids=[torch.from_numpy(np.concatenate([p, r])) for p, r in zip(prompts, responses)],
         start=torch.from_numpy(plen.copy()), response_len=torch.from_numpy(rlen.copy()),
         token=token, rewards=rewards, prompt_ids=[str(p) for p in table.column("prompt_id").to_pylist()],
-        teachers=teachers)
+        teachers=teachers, provenance=_provenance(table))
+
+
+def _provenance(table: pa.Table) -> dict:
+    raw = (table.schema.metadata or {}).get(b"opd")  # storage.shards.PROVENANCE_KEY
+    try:
+        prov = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return prov if isinstance(prov, dict) else {}
 
 
 def group_ids(prompt_ids: list[str]) -> torch.Tensor:

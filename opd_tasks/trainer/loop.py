@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from opd_tasks.logprobs import gather_response, token_logp
 from opd_tasks.losses import LossParams, compute_loss, group_advantages
+from opd_tasks.trainer import TrainError
 from opd_tasks.trainer.batching import Rows, collate, group_ids, mini_batches, rank_plan
 from storage.faults import fault_point
 
@@ -29,6 +30,7 @@ class LoopConfig:
     grad_clip: float | None = 1.0
     seed: int = 0
     iteration: int = 0
+    old_logp: str = "recompute"  # or "behaviour": old_t = behaviour_logp (see choose_old_logp)
 
 
 def _world() -> tuple[int, int]:
@@ -69,6 +71,57 @@ def recompute_old_logp(model: torch.nn.Module, rows: Rows, token_budget: int, de
             flat[offsets[i]:offsets[i + 1]] = values[b, : int(lens[i])]
     flat = _all_reduce(flat.to(device)).cpu()
     rows.token["old_logp"] = [flat[offsets[i]:offsets[i + 1]] for i in range(len(rows))]
+
+
+OLD_LOGP_MODES = ("auto", "recompute", "behaviour")
+
+
+def behaviour_mismatch(cfg, provenance: dict, init_hf: str, have_behaviour: bool) -> list[str]:
+    """Why behaviour_logp is NOT log pi_old of the trainer's start weights (empty list: it is, up to
+    float noise). cfg: the RunConfig; provenance: the scored stage's; init_hf: the trainer's init
+    HF dir. It is when the student's own hf engine sampled these rows from exactly these weights
+    (same checkpoint, same run config) in float32 at temperature 1 with no top-k/top-p: then the
+    sampling distribution is the model's softmax and b_t = log pi_old(y_t)."""
+    r, why = cfg.rollout, []
+    if not have_behaviour:
+        why.append("behaviour_logp is missing or null (offline data)")
+    if r.engine != "hf":
+        why.append(f"rollout.engine={r.engine} (other kernels than the trainer's; only hf is checked)")
+    if r.temperature != 1.0 or r.top_p != 1.0 or 0 < r.top_k:
+        why.append(f"rollout samples from a reshaped distribution (temperature={r.temperature}, "
+                   f"top_p={r.top_p}, top_k={r.top_k})")
+    if cfg.student.dtype != "float32" or cfg.train.mixed_precision != "none":
+        why.append(f"student.dtype={cfg.student.dtype}, train.mixed_precision={cfg.train.mixed_precision} "
+                   f"(both must be float32)")
+    if provenance.get("config_hash") != cfg.config_hash():
+        why.append("the scored stage was written under another run config")
+    if _norm(provenance.get("student_checkpoint")) != _norm(init_hf):
+        why.append(f"the rollout's student {provenance.get('student_checkpoint')!r} is not the trainer's "
+                   f"start {init_hf!r}")
+    return why
+
+
+def _norm(path) -> str | None:
+    return None if path is None else str(path).rstrip("/")
+
+
+def choose_old_logp(mode: str, cfg, provenance: dict, init_hf: str, have_behaviour: bool) -> tuple[str, str]:
+    """(LoopConfig.old_logp, the reason) for mode auto / recompute / behaviour.
+
+    auto: "behaviour" when behaviour_mismatch() finds nothing (saves one no-grad forward over every
+    row), else "recompute". behaviour when it does not hold: TrainError naming the reasons.
+    """
+    if mode not in OLD_LOGP_MODES:
+        raise TrainError(f"old_logp mode {mode!r} is not one of {OLD_LOGP_MODES}")
+    if mode == "recompute":
+        return "recompute", "asked for"
+    why = behaviour_mismatch(cfg, provenance, init_hf, have_behaviour)
+    if not why:
+        return "behaviour", "rollout sampled these rows from the trainer's start weights (hf, float32, temperature 1)"
+    if mode == "behaviour":
+        raise TrainError(f"old_logp=behaviour, but behaviour_logp is not the start weights' log-prob: "
+                         f"{'; '.join(why)}; use old_logp: recompute (or auto)")
+    return "recompute", "; ".join(why)
 
 
 def set_advantages(rows: Rows, params: LossParams) -> None:
@@ -138,7 +191,8 @@ def _loss_batch(mb: dict, logp: torch.Tensor, params: LossParams) -> dict:
 def train_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rows: Rows, params: LossParams,
                     cfg: LoopConfig, device: torch.device, step: int = 0,
                     on_step: Callable[[dict], None] | None = None) -> dict:
-    """Run cfg.epochs x cfg.mini_batches optimizer steps on `rows` (old_t recomputed first).
+    """Run cfg.epochs x cfg.mini_batches optimizer steps on `rows` (old_t recomputed first, or taken
+    from behaviour_logp when cfg.old_logp == "behaviour").
 
     Each mini-batch's loss is the sum of its micro-batch losses, each divided by the GLOBAL number
     of valid tokens (token_mean) or sequences (seq_mean) of the mini-batch; gradients sum over
@@ -148,8 +202,13 @@ def train_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ro
     """
     rank, world = _world()
     t0 = time.perf_counter()
-    model.eval()  # old_t is a property of the weights: no dropout noise in it
-    recompute_old_logp(model, rows, cfg.micro_batch_tokens, device)
+    if cfg.old_logp == "behaviour":  # the caller checked that b_t = log pi_old (choose_old_logp)
+        if "behaviour_logp" not in rows.token:
+            raise TrainError("old_logp=behaviour, but the scored rows have no behaviour_logp; use recompute")
+        rows.token["old_logp"] = [t.clone() for t in rows.token["behaviour_logp"]]
+    else:
+        model.eval()  # old_t is a property of the weights: no dropout noise in it
+        recompute_old_logp(model, rows, cfg.micro_batch_tokens, device)
     model.train()
     set_advantages(rows, params)
     t_old = time.perf_counter() - t0
@@ -192,7 +251,8 @@ def train_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ro
     tokens = sum(r["input_tokens"] for r in steps)
     later = steps[1:]  # the first step pays one-time costs (lazy init, allocator, gloo buffers)
     later_s = sum(r["seconds"] for r in later)
-    return {"steps": steps, "step": step, "old_logp_seconds": t_old, "seconds": seconds, "world_size": world,
+    return {"steps": steps, "step": step, "old_logp_seconds": t_old, "old_logp_source": cfg.old_logp,
+            "seconds": seconds, "world_size": world,
             "rows": len(rows), "input_tokens": tokens, "padded_tokens": sum(r["padded_tokens"] for r in steps),
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
             "tokens_per_s_after_first_step": (sum(r["input_tokens"] for r in later) / later_s) if later_s else None}

@@ -69,16 +69,18 @@ def scored_table(n_prompts: int = 4, group: int = 2, seed: int = 0, teachers=("m
 TEACHERS = ("math", "code")
 
 
-def write_scored(stage_dir, table: pa.Table, iteration: int = 0) -> str:
+def write_scored(stage_dir, table: pa.Table, iteration: int = 0, config_hash: str | None = None,
+                 student_checkpoint: str | None = None) -> str:
     """Commit `table` as a scored stage (one part + manifest) with storage's writer."""
     from storage.fs import filesystem
     from storage.shards import build_provenance, commit_parts, write_part
     fs, path = filesystem(str(stage_dir))
     teachers = [{"name": c.split(".", 1)[1], "path": "x", "weight": 1.0}
                 for c in table.column_names if c.startswith("teacher_logp.")]
-    prov = build_provenance("scored", iteration=iteration, config_hash=None, teachers=teachers,
-                            combination="mixture")
-    commit_parts(fs, path, "scored", [write_part(fs, path, 0, table, prov, vocab_size=VOCAB)], config_hash=None)
+    prov = build_provenance("scored", iteration=iteration, config_hash=config_hash, teachers=teachers,
+                            combination="mixture", student_checkpoint=student_checkpoint)
+    commit_parts(fs, path, "scored", [write_part(fs, path, 0, table, prov, vocab_size=VOCAB)],
+                 config_hash=config_hash)
     return str(stage_dir)
 
 
