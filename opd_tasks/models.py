@@ -11,15 +11,17 @@ from opd_tasks.errors import ModelPathError
 log = logging.getLogger("opd.models")
 
 
-def check_model_dir(path: str, role: str = "model") -> str:
-    """A local HF model directory with a config.json, or ModelPathError naming the role and the fix."""
+def check_model_dir(path: str, role: str = "model", need_config: bool = True) -> str:
+    """A local HF model directory (with a config.json unless need_config is False), or
+    ModelPathError naming the role and the fix."""
+    path = os.fspath(path)
     if "://" in path:
         raise ModelPathError(f"{role} path {path!r} is a URL; models load from a local directory "
                              f"(copy it locally or mount it)")
     if not os.path.isdir(path):
         raise ModelPathError(f"{role} path {path!r} does not exist; check the config's model paths "
                              f"(student.path, teachers[].path, reference.path)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if need_config and not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelPathError(f"{role} path {path!r} has no config.json: not a Hugging Face model directory")
     return path
 
@@ -30,10 +32,17 @@ def _remote_code(trust_remote_code: bool, path: str) -> bool:
     return trust_remote_code
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False, role: str = "tokenizer"):
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False, role: str = "tokenizer"):
+    """AutoTokenizer of a local directory with tokenizer files (config.json optional: a tokenizer
+    alone is fine); ModelPathError naming the role, the path and the fix otherwise."""
     from transformers import AutoTokenizer
-    check_model_dir(path, role)
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=_remote_code(trust_remote_code, path))
+    path = check_model_dir(path, role, need_config=False)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=_remote_code(trust_remote_code, path))
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelPathError(f"{role} path {path!r}: cannot load a tokenizer ({err}); the directory needs "
+                             f"tokenizer files (tokenizer.json / tokenizer_config.json), e.g. from "
+                             f"tokenizer.save_pretrained(DIR)") from None
 
 
 @lru_cache(maxsize=32)

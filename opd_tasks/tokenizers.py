@@ -13,28 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Any
 
-from opd_tasks.errors import ModelPathError, TokenizerMismatchError
+from opd_tasks.errors import TokenizerMismatchError
+from opd_tasks.models import load_tokenizer
 
 _FIX = ("use teachers (and a reference) that share the student's tokenizer, e.g. models of the same "
         "family and vocabulary; cross-tokenizer distillation is not supported")
-
-
-def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
-    """AutoTokenizer of a local model directory; ModelPathError naming the path if there is none."""
-    from transformers import AutoTokenizer
-
-    if not Path(path).is_dir():
-        raise ModelPathError(f"{path}: model directory not found (expected a local HF model directory "
-                             f"with tokenizer files)")
-    try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as err:
-        raise ModelPathError(f"{path}: cannot load a tokenizer ({err}); the directory needs tokenizer "
-                             f"files (tokenizer.json / tokenizer_config.json), e.g. from "
-                             f"tokenizer.save_pretrained(DIR)") from None
 
 
 def tokenizer_identity(path_or_tokenizer: Any) -> dict:

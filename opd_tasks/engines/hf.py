@@ -83,7 +83,7 @@ class _HFEngine:
         gcfg = getattr(self.model, "generation_config", None)
         eos = _first_set(getattr(gcfg, "eos_token_id", None), getattr(cfg, "eos_token_id", None))
         if eos is None and any((Path(model_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            from opd_tasks.tokenizers import load_tokenizer
+            from opd_tasks.models import load_tokenizer
             eos = load_tokenizer(model_path, trust_remote_code).eos_token_id
         self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or ()))
         pad = _first_set(getattr(gcfg, "pad_token_id", None), getattr(cfg, "pad_token_id", None),
