@@ -60,7 +60,8 @@ def run_config(cfg: RunConfig, run_dir: str | None = None, iterations: int | Non
     run_dir = run_dir or cfg.run_dir or f"runs/{cfg.name}"
     cfg = cfg.model_copy(update={**updates, "run_dir": run_dir})
     ctx = prepare_run(cfg, run_dir)
-    if ctx.cfg.offline is not None:  # the warm start: iteration 0 starts from its checkpoint
+    # the warm start (iteration 0 starts from its checkpoint); its evaluation is its last stage
+    if ctx.cfg.offline is not None and stage_status(ctx.layout.fs, ctx.layout.offline_dir("evaluation")) != "done":
         opd_offline(ctx.run_dir)
     total = ctx.cfg.iterations
     start = first_incomplete(ctx, total)
