@@ -227,7 +227,7 @@ def generate_offline(cfg, fs, stage: str, *, model: str, prompts: int, group_siz
         if k in done:
             continue
         if gen_of is not teacher:  # one teacher's engine at a time
-            gen = None
+            gen = None  # release the previous teacher's engine before loading the next
             gen = (generator_factory(teacher) if generator_factory else
                    make_generator(r.engine, teacher.path, dtype=teacher.dtype, token_budget=r.token_budget,
                                   vllm=r.vllm, url=teacher.url, max_concurrency=r.max_concurrency,
