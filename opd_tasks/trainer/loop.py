@@ -76,13 +76,16 @@ def recompute_old_logp(model: torch.nn.Module, rows: Rows, token_budget: int, de
 OLD_LOGP_MODES = ("auto", "recompute", "behaviour")
 
 
-def behaviour_mismatch(cfg, provenance: dict, init_hf: str, have_behaviour: bool) -> list[str]:
+def behaviour_mismatch(cfg, provenance: dict, init_hf: str, have_behaviour: bool, iteration: int) -> list[str]:
     """Why behaviour_logp is NOT log pi_old of the trainer's start weights (empty list: it is, up to
     float noise). cfg: the RunConfig; provenance: the scored stage's; init_hf: the trainer's init
     HF dir. It is when the student's own hf engine sampled these rows from exactly these weights
-    (same checkpoint, same run config) in float32 at temperature 1 with no top-k/top-p: then the
-    sampling distribution is the model's softmax and b_t = log pi_old(y_t)."""
+    (same checkpoint, same run config, this on-policy iteration) in float32 at temperature 1 with
+    no top-k/top-p: then the sampling distribution is the model's softmax and b_t = log pi_old(y_t)."""
     r, why = cfg.rollout, []
+    if iteration < 0 or provenance.get("iteration") != iteration:
+        why.append(f"the rows are not this on-policy iteration's rollout (scored iteration "
+                   f"{provenance.get('iteration')}, training iteration {iteration}; offline data is never)")
     if not have_behaviour:
         why.append("behaviour_logp is missing or null (offline data)")
     if r.engine != "hf":
@@ -105,7 +108,8 @@ def _norm(path) -> str | None:
     return None if path is None else str(path).rstrip("/")
 
 
-def choose_old_logp(mode: str, cfg, provenance: dict, init_hf: str, have_behaviour: bool) -> tuple[str, str]:
+def choose_old_logp(mode: str, cfg, provenance: dict, init_hf: str, have_behaviour: bool,
+                    iteration: int) -> tuple[str, str]:
     """(LoopConfig.old_logp, the reason) for mode auto / recompute / behaviour.
 
     auto: "behaviour" when behaviour_mismatch() finds nothing (saves one no-grad forward over every
@@ -115,7 +119,7 @@ def choose_old_logp(mode: str, cfg, provenance: dict, init_hf: str, have_behavio
         raise TrainError(f"old_logp mode {mode!r} is not one of {OLD_LOGP_MODES}")
     if mode == "recompute":
         return "recompute", "asked for"
-    why = behaviour_mismatch(cfg, provenance, init_hf, have_behaviour)
+    why = behaviour_mismatch(cfg, provenance, init_hf, have_behaviour, iteration)
     if not why:
         return "behaviour", "rollout sampled these rows from the trainer's start weights (hf, float32, temperature 1)"
     if mode == "behaviour":

@@ -7,20 +7,13 @@ import pyarrow as pa
 import pytest
 import torch
 from train_helpers import TEACHERS, _list_col, scored_table, write_config, write_scored
+from train_helpers import one_torch_thread  # noqa: F401 - autouse fixture: one torch thread per test
 
 from opd_tasks.losses import LossParams
 from opd_tasks.trainer import TrainError
 from opd_tasks.trainer.batching import rows_from_table
 from opd_tasks.trainer.loop import LoopConfig, choose_old_logp, recompute_old_logp, train_iteration
 from opd_tasks.trainer.worker import TrainArgs, read_config, run
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _cfg(tmp_path, **over):
@@ -39,10 +32,10 @@ def _cfg(tmp_path, **over):
 
 def test_auto_takes_behaviour_only_when_it_is_the_start_weights_logp(tmp_path):
     cfg = _cfg(tmp_path)
-    prov = {"config_hash": cfg.config_hash(), "student_checkpoint": "/m/student/"}
-    assert choose_old_logp("auto", cfg, prov, "/m/student", True)[0] == "behaviour"
-    assert choose_old_logp("behaviour", cfg, prov, "/m/student", True)[0] == "behaviour"
-    assert choose_old_logp("recompute", cfg, prov, "/m/student", True)[0] == "recompute"
+    prov = {"config_hash": cfg.config_hash(), "student_checkpoint": "/m/student/", "iteration": 3}
+    assert choose_old_logp("auto", cfg, prov, "/m/student", True, 3)[0] == "behaviour"
+    assert choose_old_logp("behaviour", cfg, prov, "/m/student", True, 3)[0] == "behaviour"
+    assert choose_old_logp("recompute", cfg, prov, "/m/student", True, 3)[0] == "recompute"
     cases = [  # (config change, provenance change, behaviour present, words of the reason)
         ({"rollout.temperature": 0.7}, {}, True, "temperature=0.7"),
         ({"rollout.top_p": 0.9}, {}, True, "top_p=0.9"),
@@ -53,16 +46,18 @@ def test_auto_takes_behaviour_only_when_it_is_the_start_weights_logp(tmp_path):
         ({}, {"config_hash": None}, True, "another run config"),
         ({}, {"student_checkpoint": "/m/other"}, True, "not the trainer's start"),
         ({}, {}, False, "offline data"),
+        ({}, {"iteration": 2}, True, "scored iteration 2, training iteration 3"),
+        ({}, {"iteration": -1}, True, "scored iteration -1"),  # the offline phase's teacher samples
     ]
     for k, (over, pchange, have, words) in enumerate(cases):
         c = _cfg(tmp_path / str(k), **over)
-        p = {"config_hash": c.config_hash(), "student_checkpoint": "/m/student", **pchange}
-        src, why = choose_old_logp("auto", c, p, "/m/student", have)
+        p = {"config_hash": c.config_hash(), "student_checkpoint": "/m/student", "iteration": 3, **pchange}
+        src, why = choose_old_logp("auto", c, p, "/m/student", have, 3)
         assert src == "recompute" and words in why, (over, pchange, why)
         with pytest.raises(TrainError, match="old_logp=behaviour.*" + words.replace("(", r"\(")):
-            choose_old_logp("behaviour", c, p, "/m/student", have)
+            choose_old_logp("behaviour", c, p, "/m/student", have, 3)
     with pytest.raises(TrainError, match="not one of"):
-        choose_old_logp("sometimes", cfg, prov, "/m/student", True)
+        choose_old_logp("sometimes", cfg, prov, "/m/student", True, 3)
 
 
 def _sampled_table(model_dir, n_prompts=6, group=3, seed=0):
@@ -146,4 +141,7 @@ def test_worker_uses_behaviour_for_its_own_rollout_and_records_why(tmp_path, tin
         chosen[name] = (m["old_logp_source"], m["old_logp_reason"])
     assert chosen["own"][0] == "behaviour"
     assert chosen["foreign"] == ("recompute", "the scored stage was written under another run config")
+    offline = choose_old_logp("auto", read_config(cfg_path), {"config_hash": h, "student_checkpoint": tiny_model_dir,
+                                                              "iteration": -1}, tiny_model_dir, True, -1)
+    assert offline[0] == "recompute" and "offline data is never" in offline[1]
     assert chosen["other-weights"][0] == "recompute" and "not the trainer's start" in chosen["other-weights"][1]
