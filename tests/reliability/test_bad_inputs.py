@@ -37,15 +37,7 @@ from opd_tasks.trainer import TrainError
 from storage.manifest import MANIFEST_NAME, stage_status
 from storage.shards import read_stage
 from tiny_world import tiny_config, write_config
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from train.train_helpers import one_torch_thread  # noqa: F401 - autouse fixture: one torch thread per test
 
 
 def _ctx(tmp_path, cfg: dict) -> RunContext:

@@ -58,7 +58,8 @@ def test_teachers_beat_the_student_on_their_domain_and_world_json_is_honest(toy_
         d = t["domain"]
         assert acc[name][d] - acc["student"][d] >= 0.2, (name, acc)
     rows = pq.read_table(toy_world / "data" / "eval.parquet").to_pylist()
-    assert greedy_accuracy(world["teachers"]["adder"]["path"], rows, max_new_tokens=8) == \
+    assert greedy_accuracy(world["teachers"]["adder"]["path"], rows,
+                           max_new_tokens=world.get("eval", {}).get("max_new_tokens", 8)) == \
         pytest.approx(acc["adder"], abs=1e-9)
 
 

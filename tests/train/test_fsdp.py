@@ -4,20 +4,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from train_helpers import plain_iteration, scored_table
+from train_helpers import one_torch_thread  # noqa: F401 - autouse fixture: one torch thread per test
 
 from opd_tasks.losses import LossParams
 from opd_tasks.trainer.batching import rows_from_table
 from opd_tasks.trainer.distributed import close_distributed, init_distributed, shard_model
 from opd_tasks.trainer.loop import LoopConfig, train_iteration
 from opd_tasks.trainer.checkpoint import full_state_dict
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _plain(model_dir, table, params, cfg):

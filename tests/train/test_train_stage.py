@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from train_helpers import make_run, scored_table
+from train_helpers import one_torch_thread  # noqa: F401 - autouse fixture: one torch thread per test
 
 from opd_tasks.trainer import TrainError
 from opd_tasks.trainer.batching import rows_from_table
@@ -13,14 +14,6 @@ from opd_tasks.trainer.checkpoint import full_state_dict
 from opd_tasks.trainer.distributed import close_distributed, init_distributed
 from opd_tasks.trainer.loop import LoopConfig, train_iteration
 from opd_tasks.trainer.worker import TrainArgs, build_model, make_optimizer, read_config, resolve_init, run
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def uninterrupted(tiny_model_dir, args):

@@ -5,9 +5,19 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import torch
 
 VOCAB = 40
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Autouse in every module that imports it: one torch thread per test (2 shared cores), restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def build_tiny_model(path, seed: int = 0, tie: bool = False) -> str:
