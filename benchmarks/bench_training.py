@@ -11,8 +11,9 @@ off-policy (lmbda=0: dataset responses, the teacher still runs inside the step).
 Models: a 7.3M-parameter Llama student and, as teacher, bench_scoring.py's 27M Llama (a teacher
 larger than its student, as in distillation); --teacher-same makes them the same size.
 Tokens: prompt + response tokens of the rows trained on (attention-mask sum), the same count on
-both sides. opd's time = old_t recompute + its optimizer steps (model build and checkpoint save
-excluded; wall time reported apart); TRL's = the sum of its steps (generation + teacher forward +
+both sides. opd's time = old_t (a copy of behaviour_logp, or a recompute forward in
+opd_w1_recompute) + its optimizer steps (model build and checkpoint save excluded; wall time
+reported apart); TRL's = the sum of its steps (generation + teacher forward +
 student forward/backward + optimizer; trainer construction excluded). Variants run interleaved,
 --repeat times; *_tok_s are the best of the repeats, speedups the median of per-repeat ratios
 (variants measured minutes apart on a shared machine differ more than side-by-side ones).
@@ -78,9 +79,12 @@ def build(work: Path, args) -> dict:
     return {**paths, "prompts": prompts, "responses": responses}
 
 
-def write_scored_run(work: Path, data: dict, args, teacher_logp, behaviour_logp) -> dict:
+def write_scored_run(work: Path, data: dict, args, teacher_logp, behaviour_logp, own_rollout: bool = True) -> dict:
     """run.yaml + a scored stage (one part, manifest) written with storage.shards, as the scoring
-    stage would; returns the trainer's path arguments."""
+    stage would; returns the trainer's path arguments. own_rollout: the provenance names the
+    student as the rollout's checkpoint (as in a run, where the hf rollout sampled from it), so the
+    trainer takes old_t from behaviour_logp (the student's own log-probs of these rows); False:
+    data from elsewhere, old_t is recomputed."""
     import yaml
 
     from opd_tasks.config import parse_config
@@ -94,17 +98,18 @@ def write_scored_run(work: Path, data: dict, args, teacher_logp, behaviour_logp)
         "train": {"lr": 1e-5, "epochs": 1, "mini_batches": n // args.batch, "nproc_per_node": 1,
                   "micro_batch_tokens": args.micro_batch_tokens},
         "data": {"train": str(work / "unused.parquet")}})
-    (work / "run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True)))
+    if not (work / "run.yaml").exists():
+        (work / "run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True)))
     rollout = rollout_table({
         "sample_id": [f"s{i}" for i in range(n)], "prompt_id": [f"p{i}" for i in range(n)], "group_index": 0,
         "prompt_ids": [np.asarray(p, np.int32) for p in data["prompts"]],
         "response_ids": [np.asarray(r, np.int32) for r in data["responses"]],
         "behaviour_logp": behaviour_logp, "finish_reason": "length", "iteration": 0})
     table = scored_table(rollout, {"teacher": teacher_logp}, combined=teacher_logp)
-    fs, stage = filesystem(str(work / "scored"))
+    fs, stage = filesystem(str(work / ("scored" if own_rollout else "scored-elsewhere")))
     prov = build_provenance("scored", iteration=0, config_hash=cfg.config_hash(),
                             teachers=[{"name": "teacher", "path": data["teacher"], "weight": 1.0}],
-                            combination="mixture")
+                            combination="mixture", student_checkpoint=data["student"] if own_rollout else None)
     info = write_part(fs, stage, 0, table, prov, vocab_size=args.vocab)
     commit_parts(fs, stage, "scored", {0: info}, cfg.config_hash())
     return {"config": str(work / "run.yaml"), "scored_dir": stage, "init_checkpoint": data["student"]}
@@ -112,7 +117,8 @@ def write_scored_run(work: Path, data: dict, args, teacher_logp, behaviour_logp)
 
 def opd_run(work: Path, paths: dict, world: int, threads: int, k: int) -> dict:
     """One opd training iteration; world 1 in this process (launcher=auto), else torchrun."""
-    out = {"out_checkpoint": str(work / f"ckpt-w{world}-{k}"), "train_dir": str(work / f"train-w{world}-{k}")}
+    tag = f"{world}-{Path(paths['scored_dir']).name}-{k}"
+    out = {"out_checkpoint": str(work / f"ckpt-w{tag}"), "train_dir": str(work / f"train-w{tag}")}
     t0 = time.perf_counter()
     if world == 1:
         from opd_tasks.trainer.worker import TrainArgs, run
@@ -126,7 +132,8 @@ def opd_run(work: Path, paths: dict, world: int, threads: int, k: int) -> dict:
         shutil.rmtree(d, ignore_errors=True)
     train_s = m["old_logp_seconds"] + m["seconds"]
     return {"seconds": train_s, "tokens": m["input_tokens"], "wall_s": wall, "steps": len(m["steps"]),
-            "old_logp_s": m["old_logp_seconds"], "after_first_tok_s": m["tokens_per_s_after_first_step"]}
+            "old_logp_s": m["old_logp_seconds"], "old_logp_source": m.get("old_logp_source"),
+            "after_first_tok_s": m["tokens_per_s_after_first_step"]}
 
 
 def trl_run(work: Path, data: dict, args, lmbda: float, k: int) -> dict:
@@ -166,6 +173,51 @@ def trl_run(work: Path, data: dict, args, lmbda: float, k: int) -> dict:
     trainer.train()
     shutil.rmtree(work / f"trl-{lmbda}-{k}", ignore_errors=True)
     return stats
+
+
+ABLATION = (  # (name, fully_shard at world 1, fused AdamW, old_t); the first is the trainer before issue 8's fixes
+    ("fsdp_adamw_recompute", True, False, "recompute"),
+    ("fsdp_fused_recompute", True, True, "recompute"),
+    ("plain_fused_recompute", False, True, "recompute"),
+    ("plain_fused_behaviour", False, True, "behaviour"),
+)
+
+
+def trainer_ablation(paths: dict, repeat: int) -> dict:
+    """opd's train_iteration (old_t + 4 steps) on the same rows with each ABLATION setting, in this
+    process, interleaved `repeat` times: {name: [seconds per repeat]}."""
+    import torch
+
+    from opd_tasks.trainer.distributed import close_distributed, init_distributed, shard_model
+    from opd_tasks.trainer.loop import LoopConfig, train_iteration
+    from opd_tasks.trainer.worker import load_rows, loss_params, read_config
+
+    cfg = read_config(paths["config"])
+    out: dict[str, list] = {name: [] for name, *_ in ABLATION}
+    d = init_distributed("cpu")
+    try:
+        for _ in range(repeat):
+            for name, fsdp, fused, old in ABLATION:
+                model = shard_model(_hf_model(paths["init_checkpoint"]), d.mesh, force=fsdp)
+                t = cfg.train
+                opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas),
+                                        weight_decay=t.weight_decay, fused=fused)
+                loop = LoopConfig(epochs=t.epochs, mini_batches=t.mini_batches, micro_batch_tokens=t.micro_batch_tokens,
+                                  grad_clip=t.grad_clip, seed=cfg.seed, old_logp=old)
+                rows = load_rows(paths["scored_dir"], cfg)
+                t0 = time.perf_counter()
+                train_iteration(model, opt, rows, loss_params(cfg, 0), loop, d.device)
+                out[name].append(time.perf_counter() - t0)
+                log(f"ablation {name}: {out[name][-1]:.2f} s")
+    finally:
+        close_distributed(d)
+    return out
+
+
+def _hf_model(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
 class OpdPrep:
@@ -212,7 +264,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (per rank for opd)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--variants", default="opd_w1,opd_w2,trl_on,trl_off")
+    ap.add_argument("--ablation", action="store_true",
+                    help="only opd's trainer, in process: with/without fully_shard at world 1, fused AdamW, "
+                         "old_t from behaviour_logp (what each of issue 8's trainer fixes buys)")
+    ap.add_argument("--variants", default="opd_w1,opd_w1_recompute,opd_w2,trl_on,trl_off",
+                    help="opd_wN_recompute: the scored rows do not name the student as their sampler, so "
+                         "the trainer recomputes old_t instead of reading behaviour_logp")
     args = ap.parse_args()
     quiet_env()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -231,14 +288,27 @@ def main() -> None:
         steps: dict[str, int] = {}
         extra: dict[str, dict] = {}
         prep, paths = OpdPrep(data), None
+        if args.ablation:
+            _, teacher_logp, behaviour = prep.run(args.response_len)
+            secs = trainer_ablation(write_scored_run(work, data, args, teacher_logp, behaviour), args.repeat)
+            base = secs[ABLATION[0][0]]
+            with contextlib.redirect_stdout(sys.__stdout__):  # the JSON goes to the real stdout
+                emit({"trainer_ablation_s": {k: [round(x, 3) for x in v] for k, v in secs.items()},
+                      "speedup_vs_before": {k: round(statistics.median(b / x for b, x in zip(base, v)), 2)
+                                            for k, v in secs.items()},
+                      "samples": args.samples, "batch": args.batch, "threads": args.threads,
+                      "machine": machine(), "versions": versions("torch", "transformers")})
+            return
         for k in range(args.repeat):
             pre, teacher_logp, behaviour = prep.run(args.response_len)
             times["opd_rollout"].append(pre["rollout"])
             times["opd_score"].append(pre["score"])
-            paths = paths or write_scored_run(work, data, args, teacher_logp, behaviour)
+            if paths is None:
+                paths = {own: write_scored_run(work, data, args, teacher_logp, behaviour, own_rollout=own)
+                         for own in (True, False)}
             for v in variants:
                 if v.startswith("opd_w"):
-                    r = opd_run(work, paths, int(v[5:]), args.threads, k)
+                    r = opd_run(work, paths[not v.endswith("_recompute")], int(v[5]), args.threads, k)
                 else:
                     r = trl_run(work, data, args, 1.0 if v == "trl_on" else 0.0, k)
                 times[v].append(r["seconds"])
@@ -272,10 +342,13 @@ def main() -> None:
         "speedup_vs_trl_gkd_offpolicy": ratio(opd, "trl_off"),
         "speedup_vs_trl_gkd_onpolicy_pipeline": ratio("opd_onpolicy_pipeline", "trl_on"),
         "speedup_vs_trl_gkd_offpolicy_pipeline": ratio("opd_offpolicy_pipeline", "trl_off"),
+        "speedup_vs_trl_gkd_offpolicy_recompute": ratio("opd_w1_recompute", "trl_off"),
         "opd_w2_vs_w1": ratio("opd_w2", "opd_w1"),
+        "opd_w1_vs_recompute": ratio("opd_w1", "opd_w1_recompute"),
         "seconds": {v: [round(x, 3) for x in t] for v, t in times.items() if t},
         "opd_wall_s": {v: round(extra[v]["wall_s"], 2) for v in variants if v.startswith("opd")},
         "opd_old_logp_s": {v: round(extra[v]["old_logp_s"], 3) for v in variants if v.startswith("opd")},
+        "opd_old_logp_source": {v: extra[v].get("old_logp_source") for v in variants if v.startswith("opd")},
         "trl_torch_threads": {v: extra[v]["threads"] for v in variants if v.startswith("trl")},
         "machine": machine(), "versions": versions("torch", "transformers", "trl"),
     })
