@@ -64,6 +64,7 @@ class Clock:
 
     def wrap(self, owner, name: str, cat: str, it_from_arg: bool = False, mark: bool = False):
         fn = getattr(owner, name)
+        label = f"calls:{getattr(owner, '__name__', owner)}.{name}"
 
         @functools.wraps(fn)
         def timed(*a, **kw):
@@ -82,6 +83,7 @@ class Clock:
                 dt = time.perf_counter() - t0
                 self.stage = outer
                 self.acc[self.it][cat] += dt
+                self.acc[self.it][label] += 1  # how often: warm iterations must not reload engines
                 if outer and cat != "baseline_eval":
                     self.acc[self.it][f"in:{outer}:{cat}"] += dt
         setattr(owner, name, timed)
@@ -107,6 +109,7 @@ def instrument(clock: Clock) -> None:
     clock.wrap(ev, "read_baseline", "baseline_eval")
     # model loads, per stage
     clock.wrap(HFGenerator, "__init__", "load:rollout")
+    clock.wrap(HFGenerator, "load_weights", "load:rollout")  # warm iterations: the new weights, in place
     clock.wrap(rollout, "load_tokenizer", "load:rollout")  # the first call also imports AutoTokenizer
     clock.wrap(HFScorer, "__init__", "load:scored")
     clock.wrap(worker, "build_model", "load:train")
@@ -195,7 +198,9 @@ def summarize(res: dict, launch: float, done: float, iterations: int) -> list[di
                      "overhead_fraction": round(1 - compute / wall, 3),
                      "stages_s": {s: a.get("stage:" + s, 0.0) for s in STAGES},
                      "compute": {k: a.get(k, 0.0) for k in COMPUTE},
-                     "baseline_eval_s": a.get("baseline_eval", 0.0), "overhead": overhead})
+                     "baseline_eval_s": a.get("baseline_eval", 0.0), "overhead": overhead,
+                     "loads": {k[6:]: int(v) for k, v in a.items()
+                               if k.startswith("calls:") and ("__init__" in k or "load" in k or "build_model" in k)}})
     return _round(rows)
 
 
