@@ -373,7 +373,8 @@ def render_inspect(report: dict, console=None) -> None:
                     _fmt(r["kl_k3"]), _fmt(r.get("mixture_share")))
     con.print(tab)
     rw, ln = report["rewards"], report["lengths"]
-    con.print(f"student mean log-prob {_fmt(report['student']['mean_behaviour_logp'])}; reward mean "
+    con.print(f"behaviour mean log-prob (of the sampling model: the student, or the generating teacher offline) "
+              f"{_fmt(report['student']['mean_behaviour_logp'])}; reward mean "
               f"{_fmt(rw['mean'])} (n={rw['count']}, missing {rw['missing']}); response length mean "
               f"{_fmt(ln['response']['mean'])} max {ln['response']['max']}; finish {ln['finish_reason']}")
     tab = Table(title="per domain")
