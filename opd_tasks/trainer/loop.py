@@ -1,4 +1,5 @@
-"""One iteration of training: recompute old_t, then epochs x mini-batches of accumulated micro-batches.
+"""One iteration of training: old_t (recomputed, or the rollout's behaviour_logp when that is the
+same thing: choose_old_logp), then epochs x mini-batches of accumulated micro-batches.
 
 Runs the same on a plain module (tests' reference) and on an FSDP2-sharded one; collectives are
 used only when a process group of more than one rank exists.
