@@ -28,6 +28,9 @@ Engine = Literal["hf", "vllm", "remote"]
 MUTABLE_FIELDS = ("iterations", "run_dir", "eval.every")
 
 
+ADDED_LATER = {"offline": None, "train.old_logp": "auto"}  # dotted field -> default left out of the hash
+
+
 class ConfigError(OpdError, ValueError):
     """A config that cannot run; the message names the file, the field and the fix."""
 
@@ -116,6 +119,10 @@ class TrainConfig(_Model):
     launcher: Literal["auto", "torchrun", "inprocess"] = Field(
         "auto", description="auto: in the flow's process when there is one rank (saves ~10 s of process "
                             "start per iteration), torchrun otherwise")
+    old_logp: Literal["auto", "recompute", "behaviour"] = Field(
+        "auto", description="pi_old for the PPO ratio: auto takes the rollout's behaviour log-probs when they "
+                            "are the same quantity (the run's own float32 hf rollout of the start weights at "
+                            "temperature 1), else recomputes; behaviour insists (error with the reasons)")
 
 
 class EvalConfig(_Model):
@@ -246,11 +253,16 @@ class RunConfig(_Model):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def _dump(self) -> dict[str, Any]:
-        """JSON-able fields; an absent offline block is left out, so runs made before it existed keep
-        their config hash."""
+        """JSON-able fields; fields added after the first release are left out while they hold their
+        default, so runs made before they existed keep their config hash."""
         data = self.model_dump(mode="json", by_alias=True)
-        if data.get("offline") is None:
-            data.pop("offline", None)
+        for dotted, default in ADDED_LATER.items():
+            *parents, leaf = dotted.split(".")
+            node = data
+            for p in parents:
+                node = node.get(p, {})
+            if leaf in node and node[leaf] == default:
+                node.pop(leaf)
         return data
 
     def to_yaml(self) -> str:

@@ -17,6 +17,10 @@ def run_summary(ctx: RunContext, baseline: dict) -> dict:
     """summary.json: teachers with their domains and accuracies, the student before and after."""
     rows = read_metrics(ctx)
     evaluated = [r for r in rows if r.get("accuracy")]
+    final = evaluated[-1]["accuracy"] if evaluated else {}
+    teachers = baseline.get("teachers", {})
+    fraction = {t.domain: final[t.domain] / teachers[t.name][t.domain] for t in ctx.cfg.teachers
+                if t.domain in final and teachers.get(t.name, {}).get(t.domain)}
     return {
         "run_dir": ctx.run_dir,
         "config_hash": ctx.config_hash,
@@ -25,8 +29,9 @@ def run_summary(ctx: RunContext, baseline: dict) -> dict:
         "iterations": len(rows),
         "teachers": {t.name: {"domain": t.domain, "weight": t.weight} for t in ctx.cfg.teachers},
         "accuracy": {"student_initial": baseline.get("student", {}),
-                     "student_final": evaluated[-1]["accuracy"] if evaluated else {},
-                     **{t.name: baseline.get("teachers", {}).get(t.name, {}) for t in ctx.cfg.teachers}},
+                     "student_final": final,
+                     **{t.name: teachers.get(t.name, {}) for t in ctx.cfg.teachers}},
+        "fraction_of_teacher": fraction,  # final student / its domain's teacher, per domain
         "kl_per_iteration": [{"iteration": r["iteration"], **(r.get("kl") or {})} for r in rows],
     }
 
@@ -82,6 +87,10 @@ def render_table(summary: dict, rows: list[dict]) -> None:
         t.add_row(label, *[f"{acc[key].get(d, float('nan')):.3f}" for d in domains])
     for name, info in summary["teachers"].items():
         t.add_row(f"teacher {name} ({info['domain']})", *[f"{acc.get(name, {}).get(d, float('nan')):.3f}" for d in domains])
+    frac = summary.get("fraction_of_teacher") or {}
+    if frac:
+        t.add_row("student (final) / its domain's teacher", *[f"{100 * frac[d]:.0f}%" if d in frac else "-"
+                                                               for d in domains])
     console.print(t)
     k = Table(title="mean per-token KL(student || teacher) on its domain, per iteration")
     k.add_column("iteration", justify="right")
@@ -89,7 +98,8 @@ def render_table(summary: dict, rows: list[dict]) -> None:
     for n in names:
         k.add_column(n, justify="right")
     k.add_column("loss", justify="right")
-    for r in rows:
+    step = max(1, -(-len(rows) // 12))  # at most ~12 rows: every step-th iteration and the last
+    for r in [r for i, r in enumerate(rows) if i % step == 0 or i == len(rows) - 1]:
         kl = r.get("kl") or {}
         k.add_row(str(r["iteration"]), *[f"{kl[n]:.4f}" if kl.get(n) is not None else "-" for n in names],
                   f"{r['loss']:.4f}" if r.get("loss") is not None else "-")

@@ -185,7 +185,7 @@ def run(args: TrainArgs) -> dict:
             _apply_hparams(optimizer, cfg)
             ckpt.set_rng_state(state["rng"])
             step = int(state["step"])
-        old_src, old_why = choose_old_logp(getattr(cfg.train, "old_logp", "auto"), cfg, rows.provenance, hf_url,
+        old_src, old_why = choose_old_logp(cfg.train.old_logp, cfg, rows.provenance, hf_url,
                                            "behaviour_logp" in rows.token, args.iteration)
         loop = LoopConfig(epochs=cfg.train.epochs, mini_batches=cfg.train.mini_batches,
                           micro_batch_tokens=cfg.train.micro_batch_tokens, grad_clip=cfg.train.grad_clip,
