@@ -1,13 +1,9 @@
 """The `offline:` block: defaults, validation errors that name the field, and config identity
 (a config without the block hashes exactly as before the block existed)."""
-from pathlib import Path
-
 import pytest
 import yaml
 
 from opd_tasks.config import ConfigError, parse_config
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def minimal(**over) -> dict:
