@@ -1,0 +1,186 @@
+"""Which loss, teacher combination and phase plan distills the toy student best (issues 7 and 10).
+
+Every variant is configs/toy.yaml with a few fields changed, run on the same toy world with the
+same seeds and the same sample budget (iterations x prompts x G). Each run is an ordinary opd run
+directory under --out, so a rerun skips what finished and `opd inspect` works on any of them.
+
+    .venv/bin/python experiments/toy_experiments.py                       # every variant, seeds 0 1
+    .venv/bin/python experiments/toy_experiments.py --only opd-route,grpo --seeds 0 --iterations 40
+
+Prints one JSON object and writes OUT/results.json and OUT/results.md (mean and spread over seeds).
+Not part of the test suite: it takes tens of minutes on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TOY = ROOT / "configs" / "toy.yaml"
+ADDER = {"name": "adder", "path": "toy://teachers/add", "domain": "add", "weight": 0.5}
+REVERSER = {"name": "reverser", "path": "toy://teachers/rev", "domain": "rev", "weight": 0.5}
+
+# name -> (what it tests, overrides merged into configs/toy.yaml)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "opd-route": ("OPD (rkl, lambda 1), each prompt scored by its domain's teacher",
+                  {"loss": {"kind": "rkl"}, "combination": "route"}),
+    "opd-mixture": ("OPD, log of the 50/50 mixture of both teachers' probabilities",
+                    {"loss": {"kind": "rkl"}, "combination": "mixture"}),
+    "exopd1.25-route": ("ExOPD (gopd, lambda 1.25, reference = initial student), routed",
+                        {"loss": {"kind": "gopd", "lambda": 1.25}, "combination": "route"}),
+    "exopd1.25-mixture": ("ExOPD lambda 1.25, mixture",
+                          {"loss": {"kind": "gopd", "lambda": 1.25}, "combination": "mixture"}),
+    "exopd1.5-route": ("ExOPD lambda 1.5, routed",
+                       {"loss": {"kind": "gopd", "lambda": 1.5}, "combination": "route"}),
+    "exopd1.5-mixture": ("ExOPD lambda 1.5, mixture",
+                         {"loss": {"kind": "gopd", "lambda": 1.5}, "combination": "mixture"}),
+    "kdrl-route": ("KDRL: GRPO on the verifier reward + k2 KD (w_kd 0.1), routed",
+                   {"loss": {"kind": "kdrl", "w_rl": 1.0, "w_kd": 0.1, "kd_estimator": "k2"}, "combination": "route"}),
+    "grpo": ("GRPO alone (kdrl with w_kd 0): reward only, no teacher signal",
+             {"loss": {"kind": "kdrl", "w_rl": 1.0, "w_kd": 0.0}, "combination": "route"}),
+    "kd-only": ("pure KD (kdrl with w_rl 0, w_kd 1, k2), routed",
+                {"loss": {"kind": "kdrl", "w_rl": 0.0, "w_kd": 1.0, "kd_estimator": "k2"}, "combination": "route"}),
+    "adder-only": ("OPD from the adder alone (on every prompt)",
+                   {"teachers": [dict(ADDER, weight=1.0)], "combination": "mixture"}),
+    "reverser-only": ("OPD from the reverser alone (on every prompt)",
+                      {"teachers": [dict(REVERSER, weight=1.0)], "combination": "mixture"}),
+    # Issue 10: the same budget of sampled responses and optimizer steps, spent offline (SFT on
+    # teacher samples, wrong answers dropped), on-policy (opd-route above), or half and half.
+    "warm-start-only": ("SFT on routed teacher samples (wrong answers dropped), no on-policy iteration",
+                        {"offline_share": 1.0}),
+    "warm-start+opd": ("half the budget as the warm start, then OPD (routed) for the other half",
+                       {"offline_share": 0.5}),
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    """base with `over` merged in (nested dicts merged, everything else replaced)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def variant_config(name: str, seed: int, iterations: int) -> dict:
+    base = yaml.safe_load(TOY.read_text())
+    over = dict(VARIANTS[name][1])
+    if "loss" in over:  # a variant's loss replaces the base loss block (no leftover fields)
+        base["loss"] = {}
+    share = over.pop("offline_share", 0.0)
+    cfg = merge(base, over)
+    offline_steps = round(iterations * share)
+    cfg.update(name=re.sub(r"[^A-Za-z0-9_-]", "_", f"exp-{name}-s{seed}"), seed=seed, iterations=iterations - offline_steps)
+    if offline_steps:  # one step per iteration on-policy -> the same samples and steps offline
+        r = cfg["rollout"]
+        cfg["offline"] = {"source": "generate", "epochs": cfg["train"]["epochs"], "mini_batches": offline_steps,
+                          "generate": {"model": "route", "prompts": r["prompts_per_iteration"] * offline_steps,
+                                       "group_size": r["group_size"]},
+                          "filter": {"min_reward": 1.0}}
+    cfg["eval"] = dict(cfg["eval"], every=max(cfg["iterations"] // 4, 1))
+    return cfg
+
+
+def summarize(run_dir: Path) -> dict:
+    """Final per-domain accuracy, its fraction of each domain's teacher, final KL per teacher."""
+    metrics = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    warm = run_dir / "offline" / "evaluation" / "metrics.json"
+    if warm.exists():  # the warm start counts as an evaluated row before iteration 0
+        w = json.loads(warm.read_text())
+        rows.insert(0, {"iteration": -1, "accuracy": w.get("accuracy"), "kl": None})
+    base = json.loads((run_dir / "baseline.json").read_text())
+    teacher_acc = {"add": base["teachers"]["adder"]["add"], "rev": base["teachers"]["reverser"]["rev"]} \
+        if {"adder", "reverser"} <= set(base["teachers"]) else None
+    final = next(r["accuracy"] for r in reversed(rows) if r.get("accuracy"))
+    out = {"initial": base["student"], "final": final, "kl_final": rows[-1].get("kl"),
+           "iterations": sum(r["iteration"] >= 0 for r in rows)}
+    if teacher_acc is None:  # single-teacher runs: the teachers' levels come from the world's baseline
+        teacher_acc = {d: max(t.get(d, 0.0) for t in base["teachers"].values()) for d in final}
+    out["teacher"] = teacher_acc
+    out["fraction_of_teacher"] = {d: final[d] / teacher_acc[d] for d in final if teacher_acc.get(d)}
+    return out
+
+
+def _stat(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(results: dict[str, list[dict]], domains=("add", "rev")) -> str:
+    head = ["variant", *(f"acc {d}" for d in domains), *(f"% of teacher {d}" for d in domains),
+            "KL adder (add)", "KL reverser (rev)", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, runs in results.items():
+        cells = [name]
+        cells += [_stat([r["final"][d] for r in runs]) for d in domains]
+        cells += [_stat([100 * r["fraction_of_teacher"].get(d, float("nan")) for r in runs]) for d in domains]
+        cells += [_stat([r["kl_final"][t] for r in runs if (r["kl_final"] or {}).get(t) is not None])
+                  for t in ("adder", "reverser")]
+        cells.append(str(len(runs)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, results: dict[str, list[dict]], iterations: int, seeds: list[int]) -> dict:
+    """OUT/results.md and OUT/results.json, rewritten after every run (a stopped sweep keeps its rows)."""
+    about = "\n".join(f"- `{n}`: {VARIANTS[n][0]}" for n in results)
+    (out / "results.md").write_text(f"{table(results)}\n\n{about}\n")
+    doc = {"iterations": iterations, "seeds": seeds, "results": results}
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/experiments")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--iterations", type=int, default=None, help="default: configs/toy.yaml's")
+    ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    args = ap.parse_args(argv)
+    names = [n for n in args.only.split(",") if n] or list(VARIANTS)
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    iterations = args.iterations or yaml.safe_load(TOY.read_text())["iterations"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from flows.run import opd_run
+
+    results: dict[str, list[dict]] = {}
+    for seed in args.seeds:  # seed-major: every variant has one seed before any has two
+        for name in names:
+            cfg = variant_config(name, seed, iterations)
+            run_dir = out / cfg["name"]
+            cfg_path = out / f"{cfg['name']}.yaml"
+            cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            t0 = time.perf_counter()
+            try:
+                opd_run(str(cfg_path), run_dir=str(run_dir))
+            except Exception as err:  # noqa: BLE001 - one failed variant must not end the sweep
+                print(json.dumps({"variant": name, "seed": seed, "error": repr(err)}), file=sys.stderr, flush=True)
+                continue
+            res = summarize(run_dir) | {"seed": seed, "wall_s": round(time.perf_counter() - t0, 1)}
+            results.setdefault(name, []).append(res)
+            print(json.dumps({"variant": name, **res}), file=sys.stderr, flush=True)
+            doc = write_results(out, results, iterations, args.seeds)
+    print(table(results), file=sys.stderr)
+    print(json.dumps(doc))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
