@@ -207,7 +207,9 @@ def train_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ro
     """
     rank, world = _world()
     t0 = time.perf_counter()
-    if cfg.old_logp == "behaviour":  # the caller checked that b_t = log pi_old (choose_old_logp)
+    if params.kind == "sft":  # no ratio in SFT: old_t would be one wasted forward over every row
+        pass
+    elif cfg.old_logp == "behaviour":  # the caller checked that b_t = log pi_old (choose_old_logp)
         if "behaviour_logp" not in rows.token:
             raise TrainError("old_logp=behaviour, but the scored rows have no behaviour_logp; use recompute")
         rows.token["old_logp"] = [t.clone() for t in rows.token["behaviour_logp"]]
