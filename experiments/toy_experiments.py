@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TOY = ROOT / "configs" / "toy.yaml"
+TRAIN_PROMPTS = 8192  # rows of the demo world's data/train.parquet
 ADDER = {"name": "adder", "path": "toy://teachers/add", "domain": "add", "weight": 0.5}
 REVERSER = {"name": "reverser", "path": "toy://teachers/rev", "domain": "rev", "weight": 0.5}
 
@@ -71,8 +72,10 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def variant_config(name: str, seed: int, iterations: int) -> dict:
+def variant_config(name: str, seed: int, iterations: int, epochs: int | None = None) -> dict:
     base = yaml.safe_load(TOY.read_text())
+    if epochs:
+        base["train"]["epochs"] = epochs
     over = dict(VARIANTS[name][1])
     if "loss" in over:  # a variant's loss replaces the base loss block (no leftover fields)
         base["loss"] = {}
@@ -82,9 +85,11 @@ def variant_config(name: str, seed: int, iterations: int) -> dict:
     cfg.update(name=re.sub(r"[^A-Za-z0-9_-]", "_", f"exp-{name}-s{seed}"), seed=seed, iterations=iterations - offline_steps)
     if offline_steps:  # one step per iteration on-policy -> the same samples and steps offline
         r = cfg["rollout"]
+        prompts, group = r["prompts_per_iteration"] * offline_steps, r["group_size"]
+        while prompts > TRAIN_PROMPTS:  # each prompt at most once: more samples per prompt instead
+            prompts, group = prompts // 2, group * 2
         cfg["offline"] = {"source": "generate", "epochs": cfg["train"]["epochs"], "mini_batches": offline_steps,
-                          "generate": {"model": "route", "prompts": r["prompts_per_iteration"] * offline_steps,
-                                       "group_size": r["group_size"]},
+                          "generate": {"model": "route", "prompts": prompts, "group_size": group},
                           "filter": {"min_reward": 1.0}}
     cfg["eval"] = dict(cfg["eval"], every=max(cfg["iterations"] // 4, 1))
     return cfg
@@ -111,12 +116,12 @@ def summarize(run_dir: Path) -> dict:
     return out
 
 
-def _stat(values: list[float]) -> str:
+def _stat(values: list[float], fmt: str = ".3f") -> str:
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
 def table(results: dict[str, list[dict]], domains=("add", "rev")) -> str:
@@ -126,7 +131,7 @@ def table(results: dict[str, list[dict]], domains=("add", "rev")) -> str:
     for name, runs in results.items():
         cells = [name]
         cells += [_stat([r["final"][d] for r in runs]) for d in domains]
-        cells += [_stat([100 * r["fraction_of_teacher"].get(d, float("nan")) for r in runs]) for d in domains]
+        cells += [_stat([100 * r["fraction_of_teacher"].get(d, float("nan")) for r in runs], ".0f") for d in domains]
         cells += [_stat([r["kl_final"][t] for r in runs if (r["kl_final"] or {}).get(t) is not None])
                   for t in ("adder", "reverser")]
         cells.append(str(len(runs)))
@@ -148,8 +153,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="runs/experiments")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--iterations", type=int, default=None, help="default: configs/toy.yaml's")
+    ap.add_argument("--epochs", type=int, default=None, help="train.epochs (default: configs/toy.yaml's)")
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--table", action="store_true", help="only rewrite OUT/results.md from OUT/results.json")
     args = ap.parse_args(argv)
+    if args.table:
+        doc = json.loads((Path(args.out) / "results.json").read_text())
+        return write_results(Path(args.out), doc["results"], doc["iterations"], doc["seeds"])
     names = [n for n in args.only.split(",") if n] or list(VARIANTS)
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
@@ -163,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:  # seed-major: every variant has one seed before any has two
         for name in names:
-            cfg = variant_config(name, seed, iterations)
+            cfg = variant_config(name, seed, iterations, args.epochs)
             run_dir = out / cfg["name"]
             cfg_path = out / f"{cfg['name']}.yaml"
             cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -141,7 +141,7 @@ class OfflineGenerateConfig(_Model):
     model: str = Field("route", description="teacher NAME that samples every prompt, or route: each prompt "
                                             "is sampled by the teacher of its domain")
     prompts: int = Field(256, gt=0, description="prompts drawn from data.train (a permutation by the run seed; "
-                                                "wraps around when larger than the set)")
+                                                "at most the size of the set)")
     group_size: int = Field(1, gt=0, description="responses sampled per prompt")
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int | None = Field(None, gt=0, description="default: rollout.max_new_tokens")

@@ -161,9 +161,13 @@ OFFLINE_ITERATION = -1  # the iteration column of offline rows
 
 def offline_prompts(prompts: pa.Table, seed: int, n: int) -> pa.Table:
     """n prompts for teacher generation: a permutation of the set by the run seed (its own stream,
-    not iteration 0's), wrapping around when n exceeds the set."""
+    not iteration 0's). More than the set is refused: a prompt twice would give two samples the
+    same sample id (off-TEACHER-PROMPT-gG); more samples per prompt is group_size's job."""
+    if n > prompts.num_rows:
+        raise DataError(f"offline.generate.prompts={n} exceeds the {prompts.num_rows} prompts of data.train; "
+                        f"use at most {prompts.num_rows} and raise offline.generate.group_size for more samples")
     order = np.random.default_rng([seed, 1 << 20]).permutation(prompts.num_rows)
-    return prompts.take(pa.array(np.resize(order, n)))
+    return prompts.take(pa.array(order[:n]))
 
 
 def teacher_plan(teachers: list, model: str, prompts: pa.Table, source: str) -> list[tuple[object, pa.Table]]:

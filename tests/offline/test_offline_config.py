@@ -64,3 +64,16 @@ def test_route_generation_needs_every_teacher_to_have_a_domain():
 def test_a_dataset_source_does_not_check_the_generation_model():
     off = parse_config(minimal(offline={"source": "dataset", "dataset": "d.jsonl", "generate": {"model": "x"}})).offline
     assert off.dataset == "d.jsonl"
+
+
+def test_more_offline_prompts_than_the_set_is_refused_not_wrapped():
+    """Wrapping gave two samples one sample id (off-TEACHER-PROMPT-gG) and broke the filter check."""
+    import pyarrow as pa
+
+    from opd_tasks.rollout import offline_prompts
+    from storage.errors import DataError
+    table = pa.table({"prompt": ["a", "b", "c"], "prompt_id": ["p0", "p1", "p2"]})
+    assert sorted(offline_prompts(table, 0, 3).column("prompt_id").to_pylist()) == ["p0", "p1", "p2"]
+    assert offline_prompts(table, 0, 2).num_rows == 2
+    with pytest.raises(DataError, match=r"offline.generate.prompts=4 exceeds the 3 prompts.*group_size"):
+        offline_prompts(table, 0, 4)
