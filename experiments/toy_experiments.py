@@ -104,15 +104,13 @@ def summarize(run_dir: Path) -> dict:
         w = json.loads(warm.read_text())
         rows.insert(0, {"iteration": -1, "accuracy": w.get("accuracy"), "kl": None})
     base = json.loads((run_dir / "baseline.json").read_text())
-    teacher_acc = {"add": base["teachers"]["adder"]["add"], "rev": base["teachers"]["reverser"]["rev"]} \
-        if {"adder", "reverser"} <= set(base["teachers"]) else None
+    domains = {t["name"]: t.get("domain") for t in yaml.safe_load((run_dir / "run.yaml").read_text())["teachers"]}
+    teacher_acc = {d: base["teachers"][n][d] for n, d in domains.items() if d and n in base["teachers"]}
     final = next(r["accuracy"] for r in reversed(rows) if r.get("accuracy"))
     out = {"initial": base["student"], "final": final, "kl_final": rows[-1].get("kl"),
            "iterations": sum(r["iteration"] >= 0 for r in rows)}
-    if teacher_acc is None:  # single-teacher runs: the teachers' levels come from the world's baseline
-        teacher_acc = {d: max(t.get(d, 0.0) for t in base["teachers"].values()) for d in final}
     out["teacher"] = teacher_acc
-    out["fraction_of_teacher"] = {d: final[d] / teacher_acc[d] for d in final if teacher_acc.get(d)}
+    out["fraction_of_teacher"] = {d: final[d] / teacher_acc[d] for d in final if teacher_acc.get(d)}  # taught domains
     return out
 
 
@@ -131,7 +129,8 @@ def table(results: dict[str, list[dict]], domains=("add", "rev")) -> str:
     for name, runs in results.items():
         cells = [name]
         cells += [_stat([r["final"][d] for r in runs]) for d in domains]
-        cells += [_stat([100 * r["fraction_of_teacher"].get(d, float("nan")) for r in runs], ".0f") for d in domains]
+        cells += [_stat([100 * r["fraction_of_teacher"][d] for r in runs if d in r["fraction_of_teacher"]], ".0f")
+                  for d in domains]
         cells += [_stat([r["kl_final"][t] for r in runs if (r["kl_final"] or {}).get(t) is not None])
                   for t in ("adder", "reverser")]
         cells.append(str(len(runs)))
