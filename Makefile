@@ -35,7 +35,14 @@ $(VLLM_VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/opd demo
 
-test: test-main test-vllm
+# Both suites run whatever the first one did; each one's result is printed, then the exit status is
+# non-zero when either failed (make would otherwise stop at the first and never run the second).
+test: setup setup-vllm
+	@main=0; vllm=0; \
+	$(MAKE) --no-print-directory test-main || main=$$?; \
+	$(MAKE) --no-print-directory test-vllm || vllm=$$?; \
+	echo "opd test suites: main $$( [ $$main = 0 ] && echo passed || echo FAILED ), vllm $$( [ $$vllm = 0 ] && echo passed || echo FAILED )"; \
+	[ $$main = 0 ] && [ $$vllm = 0 ]
 
 test-main: setup
 	$(VENV)/bin/python -m pytest -q -m "not vllm"

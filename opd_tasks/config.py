@@ -28,7 +28,7 @@ Engine = Literal["hf", "vllm", "remote"]
 MUTABLE_FIELDS = ("iterations", "run_dir", "eval.every")
 
 
-ADDED_LATER = {"offline": None, "train.old_logp": "auto"}  # dotted field -> default left out of the hash
+ADDED_LATER = {"offline": None, "train.old_logp": "auto", "train.adam_eps": 1e-8}  # dotted field -> default left out of the hash
 
 
 class ConfigError(OpdError, ValueError):
@@ -108,6 +108,7 @@ class TrainConfig(_Model):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon: the update is lr * m / (sqrt(v) + eps)")
     epochs: int = Field(1, gt=0)
     mini_batches: int = Field(1, gt=0, description="optimizer steps per epoch")
     micro_batch_tokens: int = Field(8192, gt=0, description="padded tokens per forward/backward")

@@ -135,14 +135,15 @@ def build_model(hf_url: str, cfg: RunConfig, mesh):
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     t = cfg.train
     # fused: one kernel for all parameters (CPU and CUDA); the single-tensor default cost 15% of a step
-    return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                             fused=True)
+    return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps,
+                             weight_decay=t.weight_decay, fused=True)
 
 
 def _apply_hparams(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> None:
     """The config's lr/betas/weight decay win over the ones stored with the optimizer state."""
     for g in optimizer.param_groups:
-        g.update(lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
+        g.update(lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps,
+                 weight_decay=cfg.train.weight_decay)
 
 
 def _rm_manifest(url: str) -> None:
