@@ -7,6 +7,8 @@
     opd status R [--json]                  # per iteration, which stages are done
     opd inspect R --iteration 3 [--json]   # where teachers and student disagree
     opd inspect R --offline                # the offline phase: what was kept and dropped, and why
+    opd inspect R --iteration 3 --html F   # the same as one self-contained HTML page, token by token
+    opd recombine R --iteration 3 --weights a=0.3,b=0.7 --output O   # new weights, no re-scoring
     opd score CONFIG --input D --output O  # score an existing dataset offline
     opd generate CONFIG --model T --output O   # teacher T (or route) samples responses: rollout shards
 
@@ -121,9 +123,19 @@ def inspect(
     top: int = typer.Option(5, help="how many most-disagreeing samples and tokens to list"),
     offline: bool = typer.Option(False, help="inspect the offline phase (what was kept and dropped)"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    html: Optional[str] = typer.Option(None, "--html", help="write the stage as one self-contained HTML page here"),
+    max_samples: int = typer.Option(200, help="--html: at most this many samples on the page"),
 ) -> None:
     """Where did teachers and student disagree? Per-teacher log-probs, KL estimates, rewards, tokens."""
     from opd_tasks.inspect import inspect_report, render_inspect
+    if html:
+        from opd_tasks.inspect_html import write_html
+        try:
+            s = write_html(run_dir, html, iteration=iteration, offline=offline, max_samples=max_samples)
+        except _user_errors() as err:
+            _fail(err)
+        typer.echo(f"wrote {html}: {s['shown']} of {s['samples']} samples of {s['stage_dir']}")
+        return
     try:
         report = inspect_report(run_dir, iteration=iteration, sample=sample, top=top, offline=offline)
     except _user_errors() as err:
@@ -132,6 +144,26 @@ def inspect(
         typer.echo(json.dumps(report, indent=2))
     else:
         render_inspect(report)
+
+
+@app.command()
+def recombine(
+    run_dir: str = typer.Argument(..., help="run directory (or a scored stage directory)"),
+    output: str = typer.Option(..., "--output", help="directory for the new scored stage"),
+    iteration: Optional[int] = typer.Option(None, help="iteration whose scored stage to recombine (default: latest)"),
+    weights: Optional[str] = typer.Option(None, help="NAME=WEIGHT per teacher, e.g. math=0.3,code=0.7 "
+                                                     "(default: the stage's weights)"),
+    mode: Optional[str] = typer.Option(None, help="mixture, product or route (default: the stage's combination)"),
+    offline: bool = typer.Option(False, help="recombine the offline phase's scored stage"),
+) -> None:
+    """A new scored stage from the stored per-teacher log-probs with other weights or mode: no model runs."""
+    from opd_tasks.recombine import parse_weights, recombine_stage
+    try:
+        res = recombine_stage(run_dir, output, iteration=iteration, mode=mode, offline=offline,
+                              weights=parse_weights(weights) if weights is not None else None)
+    except _user_errors() as err:
+        _fail(err)
+    typer.echo(json.dumps(res, indent=2))
 
 
 @app.command()

@@ -2,7 +2,7 @@
 
     run_scoring(ctx, iteration)   # rollout/part-k.parquet -> scored/part-k.parquet (+ manifest)
     score_table(table, scorers, ...)  # the same on any rollout-shaped table (offline `opd score`)
-    recombine(table, weights, mode, ...)  # new combined teacher_logp from stored per-teacher columns
+    recombine(table, mode, teachers)  # new combined teacher_logp from stored per-teacher columns
 
 Scored part k is made from rollout part k, so an interrupted stage resumes at the first missing
 part. Teachers are loaded once per process and kept across iterations (they do not change).
@@ -72,19 +72,20 @@ def score_table(table: pa.Table, scorers: Mapping[str, Scorer], cfg: RunConfig, 
     return scored_table(base, {n: (flat[n], offsets) for n in names}, (combined, offsets), ref)
 
 
-def recombine(table: pa.Table, cfg: RunConfig) -> pa.Table:
-    """Rewrite the combined teacher_logp from the stored teacher_logp.NAME columns with cfg's
-    teachers (weights, domains) and combination mode, without any model."""
-    names = [t.name for t in cfg.teachers]
+def recombine(table: pa.Table, combination: str, teachers: list[dict]) -> pa.Table:
+    """Rewrite the combined teacher_logp from the stored teacher_logp.NAME columns, without any
+    model: `teachers` as in the provenance ([{"name", "weight", "domain"}], see teacher_provenance)."""
+    names = [t["name"] for t in teachers]
     missing = [TEACHER_PREFIX + n for n in names if TEACHER_PREFIX + n not in table.column_names]
     if missing:
         raise ShardError(f"cannot recombine: the shard has no column(s) {missing}; teachers that were not "
                          f"scored must be scored first (`opd score`)")
     cols = {n: table.column(TEACHER_PREFIX + n).combine_chunks() for n in names}
     offsets = cols[names[0]].offsets.to_numpy()
-    flat = {n: c.values.to_numpy(zero_copy_only=False) for n, c in cols.items()}
-    combined = combine(cfg.combination, flat, {t.name: t.weight for t in cfg.teachers},
-                       domain_to_teacher={t.domain: t.name for t in cfg.teachers if t.domain},
+    offsets = offsets - offsets[0]  # a sliced table's lists start past 0
+    flat = {n: c.flatten().to_numpy(zero_copy_only=False) for n, c in cols.items()}
+    combined = combine(combination, flat, {t["name"]: t.get("weight", 1.0) for t in teachers},
+                       domain_to_teacher={t["domain"]: t["name"] for t in teachers if t.get("domain")},
                        sample_domain=table.column("domain").to_pylist(), offsets=offsets)
     i = table.column_names.index("teacher_logp")
     return table.set_column(i, table.schema.field(i), pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),

@@ -14,7 +14,7 @@ from opd_tasks.engines.hf import HFScorer
 from opd_tasks.errors import DataError, TokenizerMismatchError
 from opd_tasks.offline import score_offline
 from opd_tasks.rollout import iteration_prompts, run_rollout
-from opd_tasks.scoring import recombine, run_scoring
+from opd_tasks.scoring import recombine, run_scoring, teacher_provenance
 from storage.manifest import read_manifest
 from storage.shards import read_provenance, read_stage
 from tiny_world import tiny_config
@@ -106,7 +106,7 @@ def test_recombine_uses_stored_columns_only(tmp_path, tiny_world):
     t = read_stage(ctx.layout.fs, ctx.stage_dir(0, "scored"))
     new_cfg = parse_config(tiny_config(tiny_world, teachers=[
         {"name": "tx", "path": "/nonexistent", "weight": 1.0}, {"name": "ty", "path": "/nonexistent", "weight": 0.0}]))
-    re = recombine(t, new_cfg)
+    re = recombine(t, new_cfg.combination, teacher_provenance(new_cfg))
     np.testing.assert_array_equal(np.concatenate(re.column("teacher_logp").to_pylist()),
                                   np.concatenate(t.column("teacher_logp.tx").to_pylist()))
 
