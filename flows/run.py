@@ -7,8 +7,9 @@ resumable.
 `opd_run` writes run.yaml once (a changed config is refused unless only `iterations`-like fields
 changed), runs the offline phase (flows/offline.py) when the config has an `offline:` block (its
 finished stages are skipped), finds the first iteration that is not complete, and runs the rest,
-one subflow per iteration. After each iteration it appends a line to metrics.jsonl and publishes a Prefect table
-artifact; a progress artifact tracks the run.
+one subflow per iteration. After each iteration it appends a line to metrics.jsonl, writes the scored
+stage's HTML view (RUN/iter-N/inspect.html) and publishes a Prefect table artifact linking it; a
+progress artifact tracks the run.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from flows.iteration import opd_iteration
 from flows.offline import opd_offline
 from opd_tasks.config import RunConfig, load_config
 from opd_tasks.context import RunContext, prepare_run
+from opd_tasks.inspect_html import write_iteration_view
 from opd_tasks.summary import iteration_summary, record_iteration, recorded_iterations
 from storage.manifest import stage_status
 
@@ -37,13 +39,14 @@ def _artifact_key(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower())
 
 
-def _table(row: dict) -> list[dict]:
+def _table(row: dict, view: str | None = None) -> list[dict]:
     flat = [{"metric": "loss", "value": row.get("loss")}, {"metric": "reward_mean", "value": row.get("reward_mean")},
             {"metric": "kl(student||combined)", "value": row.get("kl_combined")}]
     flat += [{"metric": f"kl(student||{k})", "value": v} for k, v in (row.get("kl") or {}).items()]
     flat += [{"metric": f"accuracy/{d}", "value": v} for d, v in (row.get("accuracy") or {}).items()]
     flat += [{"metric": f"seconds/{k}", "value": v} for k, v in row["seconds"].items()]
     flat += [{"metric": f"tokens_per_s/{k}", "value": v} for k, v in row["tokens_per_s"].items()]
+    flat.append({"metric": "inspect_html", "value": view})
     return flat
 
 
@@ -76,8 +79,9 @@ def run_config(cfg: RunConfig, run_dir: str | None = None, iterations: int | Non
         stages = opd_iteration(ctx.run_dir, n)
         row = iteration_summary(ctx, n, stages)
         record_iteration(ctx, row)
-        create_table_artifact(key=_artifact_key(f"{cfg.name}-iteration-{n:04d}"), table=_table(row),
-                              description=f"{ctx.run_dir} iteration {n}")
+        view = write_iteration_view(ctx.layout, n)
+        create_table_artifact(key=_artifact_key(f"{cfg.name}-iteration-{n:04d}"), table=_table(row, view),
+                              description=f"{ctx.run_dir} iteration {n}" + (f"; token view: {view}" if view else ""))
         update_progress_artifact(progress, progress=100.0 * (n + 1) / max(total, 1))
     return {"run_dir": ctx.run_dir, "iterations": total, "resumed_at": start}
 

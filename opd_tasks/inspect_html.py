@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 import numpy as np
 import pyarrow as pa
@@ -25,8 +26,10 @@ import pyarrow.compute as pc
 from opd_tasks.inspect import _decoder, _f, _find_scored, analyze, kl_estimates
 from opd_tasks.inspect_page import PAGE
 from storage.fs import filesystem, write_text_atomic
+from storage.layout import RunLayout
 from storage.shards import PROVENANCE_KEY, read_stage, teacher_columns
 
+log = logging.getLogger("opd.inspect")
 MAX_SAMPLES = 200
 TOPK_IDS, TOPK_LOGP = "teacher_topk_ids.", "teacher_topk_logp."
 DIGITS = 6  # log-probs on the page: float32 values rounded to 1e-6
@@ -195,3 +198,17 @@ def write_html(run_dir: str, out: str, iteration: int | None = None, offline: bo
     fs, path = filesystem(out, storage_options)
     write_text_atomic(fs, path, render_html(data))
     return {**data["summary"], "html": out}
+
+
+def write_iteration_view(layout: RunLayout, iteration: int) -> str | None:
+    """RUN/iter-N/inspect.html for `opd run` (linked from the iteration's Prefect artifact): its URL,
+    or None with a warning when the page cannot be made (a view never fails a finished iteration)."""
+    path = layout.inspect_html(iteration)
+    try:
+        data = view_data(layout.url, iteration=iteration, storage_options=layout.storage_options)
+        write_text_atomic(layout.fs, path, render_html(data))
+    except Exception as err:  # noqa: BLE001 - the iteration's stages are done; the page is a by-product
+        log.warning("iteration %d: no HTML view (%s: %s); `opd inspect %s --iteration %d --html FILE` retries",
+                    iteration, type(err).__name__, err, layout.url, iteration)
+        return None
+    return layout.url_of(path)

@@ -99,6 +99,10 @@ class RunLayout:
             raise LayoutError(f"stage {stage!r} is unknown; use one of {STAGES}")
         return self.join(iteration_name(n), stage)
 
+    def inspect_html(self, n: int) -> str:
+        """Iteration n's scored stage as one HTML page (`opd inspect --html`), written by `opd run`."""
+        return self.join(iteration_name(n), "inspect.html")
+
     def offline_dir(self, stage: str) -> str:
         if stage not in OFFLINE_STAGES:
             raise LayoutError(f"offline stage {stage!r} is unknown; use one of {OFFLINE_STAGES}")
