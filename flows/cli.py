@@ -124,7 +124,7 @@ def inspect(
     offline: bool = typer.Option(False, help="inspect the offline phase (what was kept and dropped)"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
     html: Optional[str] = typer.Option(None, "--html", help="write the stage as one self-contained HTML page here"),
-    max_samples: int = typer.Option(200, help="--html: at most this many samples on the page"),
+    max_samples: int = typer.Option(200, min=1, help="--html: at most this many samples on the page"),
 ) -> None:
     """Where did teachers and student disagree? Per-teacher log-probs, KL estimates, rewards, tokens."""
     from opd_tasks.inspect import inspect_report, render_inspect

@@ -174,3 +174,17 @@ def test_cli_errors_are_one_line(view, tmp_path):
     layout, _, _ = view
     res = CliRunner().invoke(app, ["inspect", layout.root, "--iteration", "5", "--html", str(tmp_path / "x.html")])
     assert res.exit_code == 2 and "not done" in res.output and not (tmp_path / "x.html").exists()
+
+
+def test_flat_topk_rows_and_script_safe_embedding():
+    from opd_tasks.inspect_html import _topk, render_html
+
+    t = pa.table({"teacher_topk_ids.a": pa.array([[1, 2, 3, 4], None], pa.list_(pa.int32())),
+                  "teacher_topk_logp.a": pa.array([[-0.1, -2.0, -0.5, -0.7], None], pa.list_(pa.float32()))})
+    got = _topk(t, "a", np.array([0, 1]), [2, 0])  # row 0: 2 tokens x K=2, flat
+    assert got[1] is None and [g[0] for g in got[0]] == [[1, 2], [3, 4]]
+    assert [g[1] for g in got[0]] == [pytest.approx([-0.1, -2.0]), pytest.approx([-0.5, -0.7])]
+    assert _topk(t, "b", np.array([0]), [2]) is None
+    evil = "</script><script>alert(1)</script>"
+    page = render_html({"summary": {"stage_dir": evil, "iteration": 0}, "vocab": {"1": evil}, "samples": []})
+    assert page.count("</script>") == PAGE.count("</script>") and "&lt;/script&gt;" in page  # title escaped
