@@ -44,18 +44,29 @@ def _round(x):
     return x
 
 
-def _rows(table: pa.Table, name: str, rows: np.ndarray) -> list:
-    """Per selected row, the list column's values (floats rounded; None for a null row)."""
-    return _round(table.column(name).take(pa.array(rows, pa.int64())).to_pylist())
+def _rows(sub: pa.Table, name: str) -> list:
+    """Per row of `sub`, the list column's values (floats rounded; None for a null row). Flat float
+    lists are rounded in numpy (most of the page's values)."""
+    col = sub.column(name).combine_chunks()
+    if not (pa.types.is_list(col.type) and pa.types.is_floating(col.type.value_type)):
+        return _round(col.to_pylist())
+    offsets = col.offsets.to_numpy()
+    values = col.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]].astype(np.float64)
+    if not np.isfinite(values).all():
+        return _round(col.to_pylist())
+    values = np.round(values, DIGITS).tolist()
+    offsets = offsets - offsets[0]
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
+    return [values[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(len(col))]
 
 
-def _topk(table: pa.Table, name: str, rows: np.ndarray, lengths: list[int]) -> list | None:
+def _topk(sub: pa.Table, name: str, lengths: list[int]) -> list | None:
     """teacher top-k of one teacher per selected row as [[ids], [logps]] per token, or None when the
     shard has no such columns. Per row either list<list<...>> (one list per token) or a flat list of
     len(response) * K values."""
-    if TOPK_IDS + name not in table.column_names or TOPK_LOGP + name not in table.column_names:
+    if TOPK_IDS + name not in sub.column_names or TOPK_LOGP + name not in sub.column_names:
         return None
-    ids, lps = _rows(table, TOPK_IDS + name, rows), _rows(table, TOPK_LOGP + name, rows)
+    ids, lps = _rows(sub, TOPK_IDS + name), _rows(sub, TOPK_LOGP + name)
     out = []
     for i_row, l_row, n in zip(ids, lps, lengths):
         if i_row is None or l_row is None:
@@ -138,12 +149,13 @@ def view_data(run_dir: str, iteration: int | None = None, offline: bool = False,
     rows = _choose(per_sample, max_samples)
     lengths = resp_len[rows].tolist()
     decisions = _filter_decisions(stage_dir, fs)
-    col = {c: table.column(c).take(pa.array(rows, pa.int64())).to_pylist()
+    sub = table.take(pa.array(rows, pa.int64()))
+    col = {c: sub.column(c).to_pylist()
            for c in ("sample_id", "prompt_id", "domain", "finish_reason", "reward", "prompt_ids", "response_ids")}
-    lists = {"b": _rows(table, "behaviour_logp", rows), "T": _rows(table, "teacher_logp", rows),
-             "ref": _rows(table, "ref_logp", rows) if "ref_logp" in table.column_names else [None] * rows.size}
-    per_t = {k: _rows(table, "teacher_logp." + k, rows) for k in teachers}
-    topk = {k: v for k in teachers if (v := _topk(table, k, rows, lengths)) is not None}
+    lists = {"b": _rows(sub, "behaviour_logp"), "T": _rows(sub, "teacher_logp"),
+             "ref": _rows(sub, "ref_logp") if "ref_logp" in sub.column_names else [None] * rows.size}
+    per_t = {k: _rows(sub, "teacher_logp." + k) for k in teachers}
+    topk = {k: v for k in teachers if (v := _topk(sub, k, lengths)) is not None}
     ids = sorted({i for r in col["response_ids"] for i in r}
                  | {i for v in topk.values() for r in v if r for tok in r for i in tok[0]})
     vocab = {str(i): decode([i]) for i in ids}

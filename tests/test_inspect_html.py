@@ -181,10 +181,10 @@ def test_flat_topk_rows_and_script_safe_embedding():
 
     t = pa.table({"teacher_topk_ids.a": pa.array([[1, 2, 3, 4], None], pa.list_(pa.int32())),
                   "teacher_topk_logp.a": pa.array([[-0.1, -2.0, -0.5, -0.7], None], pa.list_(pa.float32()))})
-    got = _topk(t, "a", np.array([0, 1]), [2, 0])  # row 0: 2 tokens x K=2, flat
+    got = _topk(t, "a", [2, 0])  # row 0: 2 tokens x K=2, flat
     assert got[1] is None and [g[0] for g in got[0]] == [[1, 2], [3, 4]]
     assert [g[1] for g in got[0]] == [pytest.approx([-0.1, -2.0]), pytest.approx([-0.5, -0.7])]
-    assert _topk(t, "b", np.array([0]), [2]) is None
+    assert _topk(t, "b", [2]) is None
     evil = "</script><script>alert(1)</script>"
     page = render_html({"summary": {"stage_dir": evil, "iteration": 0}, "vocab": {"1": evil}, "samples": []})
     assert page.count("</script>") == PAGE.count("</script>") and "&lt;/script&gt;" in page  # title escaped
