@@ -54,7 +54,7 @@ aside{position:sticky;top:44px;width:360px;max-height:calc(100vh - 60px);overflo
  <label>reward from <input id="rmin" type="number" step="any"> to <input id="rmax" type="number" step="any"></label>
  <label id="reasonbox">filter <select id="reason"></select></label>
  <label>sort <select id="sort"><option value="disagreement">by disagreement</option>
-   <option value="reward">by reward</option><option value="length">by length</option>
+   <option value="logp">by teacher log-prob per token (lowest first)</option><option value="reward">by reward</option><option value="length">by length</option>
    <option value="id">by sample id</option></select></label>
  <span id="count"></span> <span id="legend"></span>
 </div>
@@ -81,7 +81,7 @@ function table(head, rows) {
 }
 function header() {
   const h = document.getElementById("summary");
-  const it = SUM.iteration === null ? "" : " iteration " + SUM.iteration;
+  const it = SUM.iteration === null || SUM.offline ? "" : " iteration " + SUM.iteration;
   h.append(el("h1", {}, (SUM.offline ? "offline phase" : "scored stage") + it + ": where teachers and student disagree"));
   h.append(el("div", {cls: "note"}, SUM.stage_dir + " \u2014 " + SUM.samples + " samples, " + SUM.tokens +
     " response tokens, combination " + fmt(SUM.combination) + "; " + SUM.tokenizer));
@@ -111,6 +111,7 @@ function controls() {
     for (const k of D.teachers) m.append(el("option", {value: "t:" + k}, "T." + k + " - b"));
   }
   m.append(el("option", {value: "logp"}, "T (combined teacher log-prob)"));
+  if (!anyB) document.getElementById("sort").value = "logp";  // no student log-probs: nothing to disagree with
   const d = document.getElementById("domain");
   d.append(el("option", {value: "*"}, "all"));
   for (const x of [...new Set(S.map(s => s.domain))].sort()) d.append(el("option", {value: x === null ? "\u0000" : x}, x === null ? "(none)" : x));
@@ -188,7 +189,8 @@ function update() {
   const box = document.getElementById("samples");
   const nodes = [...box.children];
   const key = {disagreement: s => -(s.disagreement === null ? -1 : s.disagreement), reward: s => -(s.reward === null ? -Infinity : s.reward),
-               length: s => -s.tokens.length, id: s => 0}[sort];
+               length: s => -s.tokens.length, id: s => 0,
+               logp: s => s.T.length ? s.T.reduce((a, x) => a + x, 0) / s.T.length : Infinity}[sort];
   nodes.sort((a, b) => { const x = S[+a.dataset.i], y = S[+b.dataset.i];
     return sort === "id" ? (x.id < y.id ? -1 : x.id > y.id ? 1 : 0) : key(x) - key(y) || (+a.dataset.i) - (+b.dataset.i); });
   let shown = 0;

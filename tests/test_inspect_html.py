@@ -167,7 +167,17 @@ def test_offline_view_shows_the_filters_reasons(tmp_path, tiny_world):
         k: "kept" if v >= 0.5 else "reward_below_min" for k, v in reward.items()}
     assert all(x["b"] is None and x["disagreement"] is None for x in data["samples"])
     assert data["summary"]["offline"] and sum(data["summary"]["filter"].values()) == 6
-    assert '"offline":true' in out.read_text()
+    # no behaviour log-probs: colored by T, sorted by the teacher's log-prob per token, lowest first
+    mean_t = {r["sample_id"]: np.mean(np.float64(r["teacher_logp"])) for r in table.to_pylist()}
+    with Chromium(find_chromium(), tmp_path / "profile") as br:
+        br.open(out.as_uri(), ready="document.body.dataset.ready === '1'")
+        assert br.eval("[document.getElementById('metric').value, document.getElementById('sort').value]") == [
+            "logp", "logp"]
+        assert br.eval("[...document.querySelectorAll('.sample')].map(e => e.dataset.sampleId)") == sorted(
+            mean_t, key=mean_t.get)
+        br.select("#reason", "kept")
+        assert br.eval("[...document.querySelectorAll('.sample:not(.hidden)')].map(e => e.dataset.sampleId)") == \
+            sorted((k for k, v in reward.items() if v >= 0.5), key=mean_t.get)
 
 
 def test_cli_errors_are_one_line(view, tmp_path):
