@@ -11,7 +11,8 @@ Math in float64, results float32.
     T = combine("product", teacher_flat, weights)
 
 - mixture: T_t = logsumexp_k(log w_k + T_t^k), weights normalized to sum 1.
-- route:   T_t = T_t^{teacher of the sample's domain}.
+- route:   T_t = T_t^{teacher of the sample's domain}. A teacher's array is read only at its own
+  domain's tokens: elsewhere it may be NaN (scoring.teachers: routed scores nothing there).
 - product: T_t = sum_k w_k T_t^k, weights used as given (NOT normalized). The result is the log
   of an unnormalized product of experts: its normalizer over the vocabulary is unknown from
   per-token values, so T_t is not a log-prob (it may even be > 0 when sum w_k < 1).
@@ -86,7 +87,7 @@ def route(teacher_flat: Mapping[str, np.ndarray], domain_to_teacher: Mapping[str
     if unknown:
         raise CombinationError(f"route: domain_to_teacher names teachers {unknown} that were not scored "
                                f"(scored teachers: {sorted(teacher_flat)}); fix teachers[].domain in the config")
-    n = _check_arrays(teacher_flat, list(teacher_flat))
+    n = _check_arrays(teacher_flat, list(teacher_flat), nan_ok=True)  # NaN: checked where read, below
     if (token_domain is None) == (sample_domain is None):
         raise CombinationError("route: give exactly one of token_domain or sample_domain (+ offsets)")
     if sample_domain is not None:
@@ -100,18 +101,22 @@ def route(teacher_flat: Mapping[str, np.ndarray], domain_to_teacher: Mapping[str
             raise CombinationError(f"route: offsets must be [S+1] = [{len(sample_domain) + 1}] non-decreasing "
                                    f"from 0 to the token count {n}; got length {len(offsets)}, "
                                    f"first {offsets[:1].tolist()}, last {offsets[-1:].tolist()}")
-        _check_domains(sample_domain, domain_to_teacher, "sample")
+        check_domains(sample_domain, domain_to_teacher, "sample")
         token_domain = np.repeat(sample_domain, lens)
     else:
         token_domain = np.asarray(token_domain, dtype=object)
         if token_domain.shape != (n,):
             raise CombinationError(f"route: token_domain has shape {token_domain.shape}, expected ({n},) "
                                    f"like the teacher arrays")
-        _check_domains(token_domain, domain_to_teacher, "token")
+        check_domains(token_domain, domain_to_teacher, "token")
     out = np.empty(n, dtype=np.float32)
     for domain, teacher in domain_to_teacher.items():
         sel = token_domain == domain
         out[sel] = np.asarray(teacher_flat[teacher], dtype=np.float32)[sel]
+        if np.isnan(out[sel]).any():
+            i = int(np.flatnonzero(sel & np.isnan(out))[0])
+            raise CombinationError(f"teacher {teacher!r}: token {i} of its own domain {domain!r} has no log-prob "
+                                   f"(NaN); re-score this teacher")
     return out
 
 
@@ -160,9 +165,9 @@ def _select(teacher_flat: Mapping[str, np.ndarray], weights: Mapping[str, float]
     return dict(weights)
 
 
-def _check_arrays(teacher_flat: Mapping[str, np.ndarray], names: list[str]) -> int:
-    """All named arrays are 1-D, equally long, log-probs (no NaN / +inf / clearly positive values).
-    Returns their common length N."""
+def _check_arrays(teacher_flat: Mapping[str, np.ndarray], names: list[str], nan_ok: bool = False) -> int:
+    """All named arrays are 1-D, equally long, log-probs (no NaN unless nan_ok, no +inf or clearly
+    positive values). Returns their common length N."""
     if not teacher_flat:
         raise CombinationError("no teacher log-probs to combine")
     n = None
@@ -175,7 +180,7 @@ def _check_arrays(teacher_flat: Mapping[str, np.ndarray], names: list[str]) -> i
         elif len(a) != n:
             raise CombinationError(f"teacher {name!r}: {len(a)} token log-probs but teacher {first!r} has {n}; "
                                    f"all teachers must score the same responses")
-        bad = np.isnan(a) | (a > _MAX_LOGP)
+        bad = (np.zeros(a.shape, bool) if nan_ok else np.isnan(a)) | (a > _MAX_LOGP)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise CombinationError(f"teacher {name!r}: token {i} has log-prob {a[i]} (NaN or > 0: not a "
@@ -183,7 +188,8 @@ def _check_arrays(teacher_flat: Mapping[str, np.ndarray], names: list[str]) -> i
     return n
 
 
-def _check_domains(domains: np.ndarray, domain_to_teacher: Mapping[str, str], what: str) -> None:
+def check_domains(domains: np.ndarray, domain_to_teacher: Mapping[str, str], what: str = "sample") -> None:
+    """Every domain is served by a teacher (route), else an error naming the first sample without one."""
     known = set(domain_to_teacher)
     for d in dict.fromkeys(domains.tolist()):  # unique, in order of first appearance
         if d not in known:

@@ -28,7 +28,8 @@ Engine = Literal["hf", "vllm", "remote"]
 MUTABLE_FIELDS = ("iterations", "run_dir", "eval.every")
 
 
-ADDED_LATER = {"offline": None, "train.old_logp": "auto", "train.adam_eps": 1e-8}  # dotted field -> default left out of the hash
+# dotted field -> default left out of the hash
+ADDED_LATER = {"offline": None, "train.old_logp": "auto", "train.adam_eps": 1e-8, "scoring.teachers": "auto"}
 
 
 class ConfigError(OpdError, ValueError):
@@ -102,6 +103,10 @@ class ScoringConfig(_Model):
     token_budget: int = Field(32768, gt=0, description="hf: padded tokens per forward batch")
     max_concurrency: int = Field(64, gt=0, description="remote: requests in flight")
     vllm: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM kwargs")
+    teachers: Literal["auto", "routed", "all"] = Field(
+        "auto", description="routed: each teacher scores only the samples routed to it (its column is null for "
+                            "the others; combination: route only); all: every teacher scores every sample "
+                            "(analysis, recombination into a mixture); auto: routed under route, else all")
 
 
 class TrainConfig(_Model):
@@ -219,6 +224,9 @@ class RunConfig(_Model):
             domains = [t.domain for t in self.teachers]
             if len(set(domains)) != len(domains):
                 raise ValueError(f"combination=route: two teachers share a domain: {domains}")
+        if self.scoring.teachers == "routed" and self.combination != "route":
+            raise ValueError(f"scoring.teachers=routed needs combination=route (got {self.combination}): a "
+                             f"{self.combination} reads every teacher on every token; use scoring.teachers: all")
         if self.scoring.engine == "remote":
             missing = [t.name for t in self.teachers if not t.url]
             if missing:
@@ -235,6 +243,11 @@ class RunConfig(_Model):
             elif model not in names:
                 raise ValueError(f"offline.generate.model: {model!r} is not a teacher; use one of {names} or route")
         return self
+
+    @property
+    def routed_scoring(self) -> bool:
+        """Each teacher scores only its own domain's samples (scoring.teachers, resolved)."""
+        return self.scoring.teachers == "routed" or (self.scoring.teachers == "auto" and self.combination == "route")
 
     @property
     def needs_reference(self) -> bool:

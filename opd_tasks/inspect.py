@@ -30,7 +30,7 @@ from storage.checkpoints import checkpoint_status, latest_checkpoint, offline_ch
 from storage.fs import exists, filesystem, read_bytes
 from storage.layout import STAGES, OFFLINE_STAGES, RunLayout
 from storage.manifest import MANIFEST_NAME, read_manifest, stage_status, stray_files
-from storage.shards import PROVENANCE_KEY, read_stage, teacher_columns
+from storage.shards import PROVENANCE_KEY, flat_logp, read_stage, teacher_columns
 
 CONTEXT_TOKENS = 8
 
@@ -164,14 +164,19 @@ def analyze(table: pa.Table, provenance: dict, top: int = 5, sample: str | None 
     has_b = ~pc.is_null(table.column("behaviour_logp")).to_numpy(zero_copy_only=False)
     b = _flat(table, "behaviour_logp", np.repeat(has_b, resp_len))
     t = _flat(table, "teacher_logp")
-    tk = {k: _flat(table, "teacher_logp." + k) for k in teachers}
+    # NaN where a teacher did not score the sample (scoring.teachers: routed)
+    tk = {k: flat_logp(table.column("teacher_logp." + k), resp_len).astype(np.float64) for k in teachers}
     weights = {x["name"]: x.get("weight", 1.0) for x in provenance.get("teachers", []) if isinstance(x, dict)}
-    share = mixture_share(tk, weights)
+    routed = any(table.column("teacher_logp." + k).null_count for k in teachers)
+    share = {k: None for k in teachers} if routed else mixture_share(tk, weights)
     per_teacher = []
     for k in teachers:
         k1, k3 = kl_estimates(b, tk[k])
-        per_teacher.append({"teacher": k, "weight": weights.get(k), "mean_logp": _f(tk[k].mean() if tk[k].size else None),
-                            "kl_k1": _f(k1), "kl_k3": _f(k3), "mixture_share": _f(share[k])})
+        scored = np.isfinite(tk[k])
+        per_teacher.append({"teacher": k, "weight": weights.get(k),
+                            "mean_logp": _f(tk[k][scored].mean() if scored.any() else None),
+                            "kl_k1": _f(k1), "kl_k3": _f(k3), "mixture_share": _f(share[k]),
+                            "scored_tokens": int(scored.sum())})
     k1, k3 = kl_estimates(b, t)
     combined = {"teacher": "combined", "mode": provenance.get("combination"), "mean_logp": _f(np.mean(t) if t.size else None),
                 "kl_k1": _f(k1), "kl_k3": _f(k3)}

@@ -202,13 +202,19 @@ def _metrics(loss: Tensor, m: Tensor, old: Tensor, teacher: Tensor, teacher_logp
     with torch.no_grad():
         denom = m.sum().clamp(min=1)
         mean = lambda x: torch.where(m, x, 0.0).sum() / denom  # noqa: E731
-        k1 = lambda t: mean(old - t)  # noqa: E731
-        k3 = lambda t: mean((t - old).exp() - (t - old) - 1)  # noqa: E731
-        vals = {"loss": loss.detach(), **extra, "kl_k1": k1(teacher), "kl_k3": k3(teacher)}
-        _, per_teacher = _inputs(m, **{f"teacher_logp.{k}": v.detach() for k, v in (teacher_logps or {}).items()})
-        for key, t in sorted(per_teacher.items()):
-            name = key.split(".", 1)[1]
-            vals[f"kl_k1/{name}"], vals[f"kl_k3/{name}"] = k1(t), k3(t)
+
+        def k1_k3(t: Tensor, mt: Tensor) -> tuple[Tensor, Tensor]:
+            """Token means over mt of k1 = old - t and k3 = exp(t - old) - (t - old) - 1."""
+            r, d = torch.where(mt, t - old, 0.0), mt.sum().clamp(min=1)
+            return (-r).sum() / d, torch.where(mt, r.exp() - r - 1, 0.0).sum() / d
+
+        vals = {"loss": loss.detach(), **extra}
+        vals["kl_k1"], vals["kl_k3"] = k1_k3(teacher, m)
+        for name, t in sorted((teacher_logps or {}).items()):
+            if t.shape != m.shape:
+                raise ValueError(f"teacher_logp.{name} has shape {tuple(t.shape)} but mask has {tuple(m.shape)}")
+            # over the tokens this teacher scored (NaN: a routed sample of another teacher)
+            vals[f"kl_k1/{name}"], vals[f"kl_k3/{name}"] = k1_k3(t.detach(), m & ~torch.isnan(t))
         vals.update(ratio_mean=mean(ratio), clip_frac=mean(clipped.to(ratio.dtype)), tis_weight_mean=mean(tis),
                     ratio_max=torch.where(m, ratio, 0.0).max() if m.numel() else ratio.new_zeros(()),
                     tokens=m.sum(), sequences=torch.tensor(m.shape[0], device=m.device))

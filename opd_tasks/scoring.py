@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from opd_tasks.combine import combine
+from opd_tasks.combine import CombinationError, check_domains, combine
 from opd_tasks.config import RunConfig
 from opd_tasks.context import RunContext
 from opd_tasks.engines.base import Scorer
@@ -27,7 +27,7 @@ from opd_tasks.stages import StageResult
 from opd_tasks.tokenizers import check_same_tokenizer
 from storage.faults import fault_point
 from storage.manifest import read_manifest, remove_tmp_files
-from storage.shards import (TEACHER_PREFIX, build_provenance, commit_parts, finished_parts, part_index, read_part,
+from storage.shards import (TEACHER_PREFIX, build_provenance, flat_logp, commit_parts, finished_parts, part_index, read_part,
                             scored_table, write_part)
 
 log = logging.getLogger("opd.scoring")
@@ -42,34 +42,65 @@ def _lists(table: pa.Table, column: str) -> tuple[list[np.ndarray], np.ndarray]:
     return [flat[offs[i]:offs[i + 1]] for i in range(len(col))], flat
 
 
+def routed_rows(cfg: RunConfig, domains: list[str | None]) -> dict[str, list[np.ndarray]]:
+    """Per teacher, the row indices it scores, as the list of calls to its scorer. Under route the
+    first call is the teacher's own domain's rows (every row has to be served by a teacher); with
+    scoring.teachers: all a second call scores the rest, so the routed rows see the same batches
+    (and get the same bits) whether the other rows are scored or not. Otherwise: every row, once."""
+    everything = np.arange(len(domains))
+    if cfg.combination != "route":
+        return {t.name: [everything] for t in cfg.teachers}
+    dom = np.asarray(domains, dtype=object)
+    check_domains(dom, {t.domain: t.name for t in cfg.teachers})  # before any compute is spent
+    calls = {t.name: [np.flatnonzero(dom == t.domain)] for t in cfg.teachers}
+    if not cfg.routed_scoring:
+        for t in cfg.teachers:
+            calls[t.name].append(np.flatnonzero(dom != t.domain))
+    return calls
+
+
 def score_table(table: pa.Table, scorers: Mapping[str, Scorer], cfg: RunConfig, with_ref: bool) -> pa.Table:
-    """Rollout-shaped table -> scored table: teacher_logp.NAME for each teacher, the combination,
-    and ref_logp when `with_ref` (scorers[REF] is the reference)."""
+    """Rollout-shaped table -> scored table: teacher_logp.NAME for each teacher (null on the rows it
+    does not score when scoring is routed: routed_rows), the combination, and ref_logp when
+    `with_ref` (scorers[REF] is the reference, which scores every row)."""
     prompts, _ = _lists(table, "prompt_ids")
     responses, _ = _lists(table, "response_ids")
-    per_teacher: dict[str, list[np.ndarray]] = {}
+    domains = table.column("domain").to_pylist()
+    calls = routed_rows(cfg, domains)
+    if with_ref:
+        calls[REF] = [np.arange(table.num_rows)]
+    per_teacher: dict[str, list[np.ndarray | None]] = {}
     for name, scorer in scorers.items():
         if name == REF and not with_ref:
             continue
-        out = scorer.score(prompts, responses)
-        for i, (lp, r) in enumerate(zip(out, responses)):
-            if len(lp) != len(r) or not np.isfinite(lp).all():
+        idx = np.concatenate(calls[name])
+        out = [lp for rows in calls[name] if len(rows)
+               for lp in scorer.score([prompts[i] for i in rows], [responses[i] for i in rows])]
+        for i, lp in zip(idx, out):
+            if len(lp) != len(responses[i]) or not np.isfinite(lp).all():
                 who = "reference" if name == REF else f"teacher {name!r}"
-                raise ShardError(f"{who} returned {'non-finite' if len(lp) == len(r) else 'misaligned'} "
-                                 f"log-probs for sample {table.column('sample_id')[i].as_py()!r}; check that "
+                raise ShardError(f"{who} returned {'non-finite' if len(lp) == len(responses[i]) else 'misaligned'} "
+                                 f"log-probs for sample {table.column('sample_id')[int(i)].as_py()!r}; check that "
                                  f"model's weights and dtype (NaN/inf usually means overflow in float16)")
-        per_teacher[name] = out
+        full: list[np.ndarray | None] = [None] * table.num_rows
+        for i, lp in zip(idx, out):
+            full[i] = lp
+        per_teacher[name] = full
     names = [t.name for t in cfg.teachers]
-    flat = {n: np.concatenate(per_teacher[n]) if per_teacher[n] else np.zeros(0, np.float32) for n in names}
     lengths = np.array([len(r) for r in responses], np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
+    # NaN where a teacher did not score: route reads each teacher at its own rows only
+    flat = {n: np.concatenate([np.full(len(r), np.nan, np.float32) if lp is None else lp
+                               for lp, r in zip(per_teacher[n], responses)]) if responses else np.zeros(0, np.float32)
+            for n in names}
     combined = combine(cfg.combination, flat, {t.name: t.weight for t in cfg.teachers},
                        domain_to_teacher={t.domain: t.name for t in cfg.teachers if t.domain},
-                       sample_domain=table.column("domain").to_pylist(), offsets=offsets)
+                       sample_domain=domains, offsets=offsets)
     ref = (np.concatenate(per_teacher[REF]), offsets) if with_ref else None
     base = table.drop_columns([c for c in table.column_names if c.startswith(TEACHER_PREFIX)
                                or c in ("teacher_logp", "ref_logp")])
-    return scored_table(base, {n: (flat[n], offsets) for n in names}, (combined, offsets), ref)
+    cols = {n: per_teacher[n] if any(lp is None for lp in per_teacher[n]) else (flat[n], offsets) for n in names}
+    return scored_table(base, cols, (combined, offsets), ref)
 
 
 def recombine(table: pa.Table, combination: str, teachers: list[dict]) -> pa.Table:
@@ -80,10 +111,14 @@ def recombine(table: pa.Table, combination: str, teachers: list[dict]) -> pa.Tab
     if missing:
         raise ShardError(f"cannot recombine: the shard has no column(s) {missing}; teachers that were not "
                          f"scored must be scored first (`opd score`)")
-    cols = {n: table.column(TEACHER_PREFIX + n).combine_chunks() for n in names}
-    offsets = cols[names[0]].offsets.to_numpy()
-    offsets = offsets - offsets[0]  # a sliced table's lists start past 0
-    flat = {n: c.flatten().to_numpy(zero_copy_only=False) for n, c in cols.items()}
+    lengths = pc.list_value_length(table.column("response_ids")).to_numpy().astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = {n: flat_logp(table.column(TEACHER_PREFIX + n), lengths) for n in names}
+    unscored = [n for n in names if table.column(TEACHER_PREFIX + n).null_count]
+    if unscored and combination != "route":
+        raise CombinationError(f"cannot recombine into {combination}: teachers {unscored} scored only the "
+                               f"samples routed to them (scoring.teachers: routed); re-score with "
+                               f"scoring.teachers: all")
     combined = combine(combination, flat, {t["name"]: t.get("weight", 1.0) for t in teachers},
                        domain_to_teacher={t["domain"]: t["name"] for t in teachers if t.get("domain")},
                        sample_domain=table.column("domain").to_pylist(), offsets=offsets)

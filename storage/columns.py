@@ -62,7 +62,8 @@ def check_teacher_names(names: Iterable[str]) -> list[str]:
 
 def scored_schema(teacher_names: Sequence[str], with_ref: bool = False) -> pa.Schema:
     names = check_teacher_names(teacher_names)
-    fields = list(_ROLLOUT_FIELDS) + [pa.field(TEACHER_PREFIX + n, _LOGP, nullable=False) for n in names]
+    # a teacher's column is null on the samples it did not score (scoring.teachers: routed)
+    fields = list(_ROLLOUT_FIELDS) + [pa.field(TEACHER_PREFIX + n, _LOGP, nullable=True) for n in names]
     fields.append(pa.field("teacher_logp", _LOGP, nullable=False))
     if with_ref:
         fields.append(pa.field("ref_logp", _LOGP, nullable=False))
@@ -118,6 +119,19 @@ def pack(arrays: Sequence[Any], dtype: Any) -> tuple[np.ndarray, np.ndarray]:
     return flat, offsets
 
 
+def flat_logp(col: pa.Array | pa.ChunkedArray, lengths: np.ndarray) -> np.ndarray:
+    """A log-prob list column as flat float32 [sum(lengths)] aligned with the response tokens
+    (lengths [rows]: len(response_ids) per row); a null row (a teacher that did not score it) is NaN."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    valid = np.repeat(~pc.is_null(col).to_numpy(zero_copy_only=False), lengths)
+    vals = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float32)
+    if valid.all():
+        return vals
+    out = np.full(valid.shape, np.nan, np.float32)
+    out[valid] = vals
+    return out
+
+
 def list_column(values: Any, dtype: Any) -> pa.Array:
     """A list column from (flat, offsets), a pyarrow array, or a sequence of per-row arrays (None = null)."""
     typ = pa.list_(_as_pa_type(dtype))
@@ -170,14 +184,15 @@ def rollout_table(columns: dict[str, Any]) -> pa.Table:
 
 def scored_table(rollout: pa.Table, teacher_logp: dict[str, Any], combined: Any, ref: Any = None) -> pa.Table:
     """Rollout table + teacher_logp.NAME per teacher (dict order), the combined teacher_logp and
-    optionally ref_logp. Each log-prob column: (flat, offsets), per-row float arrays, or a pyarrow array."""
+    optionally ref_logp. Each log-prob column: (flat, offsets), per-row float arrays (None: a teacher that
+    did not score that row), or a pyarrow array."""
     names = check_teacher_names(teacher_logp)
     taken = [c for c in rollout.column_names if c.startswith(TEACHER_PREFIX) or c in ("teacher_logp", "ref_logp")]
     if taken:
         raise ShardError(f"scored table: the rollout table already has {taken}; pass the rollout columns only")
     table = rollout
     for name in names:
-        table = table.append_column(pa.field(TEACHER_PREFIX + name, _LOGP, nullable=False),
+        table = table.append_column(pa.field(TEACHER_PREFIX + name, _LOGP, nullable=True),
                                     list_column(teacher_logp[name], pa.float32()))
     table = table.append_column(pa.field("teacher_logp", _LOGP, nullable=False), list_column(combined, pa.float32()))
     if ref is not None:

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from storage.columns import (TEACHER_PREFIX, check_columns, check_teacher_names, list_array,  # noqa: F401
+from storage.columns import (TEACHER_PREFIX, check_columns, check_teacher_names, flat_logp, list_array,  # noqa: F401
                              list_column, pack, rollout_schema, rollout_table, scored_schema, scored_table,
                              teacher_columns, validate_table)
 from storage.errors import ManifestError, ShardError

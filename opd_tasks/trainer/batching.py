@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from opd_tasks.trainer import TrainError
+from storage.columns import flat_logp
 
 TEACHER_PREFIX = "teacher_logp."
 
@@ -49,9 +50,16 @@ class Rows:
         return self.start + self.response_len
 
 
-def _lists(table: pa.Table, name: str, source: str, dtype) -> tuple[list[np.ndarray], np.ndarray]:
-    """A list<...> column as per-row numpy views and row lengths [N]."""
+def _lists(table: pa.Table, name: str, source: str, dtype,
+           lengths: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """A list<...> column as per-row numpy views and row lengths [N]. With `lengths` (the response
+    lengths), null rows are allowed and become NaN rows of that length (a teacher that did not score
+    a routed sample)."""
     col = table.column(name).combine_chunks()
+    if col.null_count and lengths is not None:
+        vals = flat_logp(col, lengths).astype(dtype)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        return [vals[a:b] for a, b in zip(offsets[:-1], offsets[1:])], lengths.copy()
     if col.null_count:
         raise TrainError(f"{source}: column {name!r} has {col.null_count} null rows; re-run the stage "
                          f"that wrote it (every row needs a list)")
@@ -100,7 +108,7 @@ def rows_from_table(table: pa.Table, source: str, *, need_ref: bool = False, nee
             names.insert(0, "behaviour_logp")
     token: dict[str, list[torch.Tensor]] = {}
     for name in names:
-        vals, n = _lists(table, name, source, np.float32)
+        vals, n = _lists(table, name, source, np.float32, rlen if name.startswith(TEACHER_PREFIX) else None)
         bad = np.flatnonzero(n != rlen)
         if len(bad):
             raise TrainError(f"{source}: column {name!r} row {int(bad[0])} has {int(n[bad[0]])} values for "
