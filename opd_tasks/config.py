@@ -29,7 +29,8 @@ MUTABLE_FIELDS = ("iterations", "run_dir", "eval.every")
 
 
 # dotted field -> default left out of the hash
-ADDED_LATER = {"offline": None, "train.old_logp": "auto", "train.adam_eps": 1e-8, "scoring.teachers": "auto"}
+ADDED_LATER = {"offline": None, "train.old_logp": "auto", "train.adam_eps": 1e-8, "scoring.teachers": "auto",
+               "teachers[].reference": None}
 
 
 class ConfigError(OpdError, ValueError):
@@ -51,6 +52,9 @@ class TeacherConfig(ModelConfig):
     weight: float = Field(1.0, description="mixture/product weight (>= 0, normalized for mixture)")
     domain: str | None = Field(None, description="prompts of this domain go to this teacher (combination: route)")
     url: str | None = Field(None, description="OpenAI-compatible server for scoring.engine=remote")
+    reference: ModelConfig | None = Field(
+        None, description="G-OPD reward correction: this teacher's own pre-RL base as pi_ref for the samples "
+                          "routed to it (combination: route, loss.kind: gopd); default: the run's reference")
 
     @model_validator(mode="after")
     def _weight(self) -> "TeacherConfig":
@@ -224,6 +228,15 @@ class RunConfig(_Model):
             domains = [t.domain for t in self.teachers]
             if len(set(domains)) != len(domains):
                 raise ValueError(f"combination=route: two teachers share a domain: {domains}")
+        own_ref = [f"teachers[{i}].reference" for i, t in enumerate(self.teachers) if t.reference is not None]
+        if own_ref and self.loss.kind != "gopd":
+            raise ValueError(f"{own_ref[0]}: a teacher's own reference is read only by loss.kind=gopd (the "
+                             f"reward log(teacher / reference)); with loss.kind={self.loss.kind} nothing reads it: "
+                             f"remove it or set loss.kind: gopd")
+        if own_ref and self.combination != "route":
+            raise ValueError(f"{own_ref[0]}: per-teacher references need combination=route (each sample has "
+                             f"one teacher, so one reference); a {self.combination} of teachers has no single "
+                             f"base: set the run's reference: instead")
         if self.scoring.teachers == "routed" and self.combination != "route":
             raise ValueError(f"scoring.teachers=routed needs combination=route (got {self.combination}): a "
                              f"{self.combination} reads every teacher on every token; use scoring.teachers: all")
@@ -249,6 +262,13 @@ class RunConfig(_Model):
         """Each teacher scores only its own domain's samples (scoring.teachers, resolved)."""
         return self.scoring.teachers == "routed" or (self.scoring.teachers == "auto" and self.combination == "route")
 
+    def teacher_reference(self, name: str, default: str) -> ModelConfig:
+        """The reference that scores the samples routed to teacher `name`: its own, else the run's
+        (`default` is the run reference's path: reference.path or the student's initial checkpoint)."""
+        t = next(t for t in self.teachers if t.name == name)
+        return t.reference or self.reference or ModelConfig(path=default, dtype=self.student.dtype,
+                                                            trust_remote_code=self.student.trust_remote_code)
+
     @property
     def needs_reference(self) -> bool:
         """G-OPD with lambda != 1 reads R_t; with lambda = 1 it cancels (rkl)."""
@@ -272,11 +292,13 @@ class RunConfig(_Model):
         data = self.model_dump(mode="json", by_alias=True)
         for dotted, default in ADDED_LATER.items():
             *parents, leaf = dotted.split(".")
-            node = data
-            for p in parents:
-                node = node.get(p, {})
-            if leaf in node and node[leaf] == default:
-                node.pop(leaf)
+            nodes = [data]
+            for p in parents:  # "teachers[]" walks every element of the list
+                key = p.removesuffix("[]")
+                nodes = [x for n in nodes for x in (n.get(key) or [] if p.endswith("[]") else [n.get(key, {})])]
+            for node in nodes:
+                if leaf in node and node[leaf] == default:
+                    node.pop(leaf)
         return data
 
     def to_yaml(self) -> str:

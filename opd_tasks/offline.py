@@ -136,7 +136,7 @@ def score_offline(cfg: RunConfig, input_path: str, output: str, rows_per_part: i
         if k in done:
             continue
         scorers = scorers or get_scorers(cfg, with_ref, ref_path)
-        part = score_table(table.slice(k * per, per), scorers, cfg, with_ref)
+        part = score_table(table.slice(k * per, per), scorers, cfg, with_ref, ref_path)
         tokens += sum(len(r) for r in part.column("response_ids").to_pylist())
         done[k] = write_part(fs, stage, k, part, prov, vocab_size=len(tokenizer))
         log.info("offline scoring: part %d (%d rows)", k, part.num_rows)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from opd_tasks.combine import CombinationError, check_domains, combine
-from opd_tasks.config import RunConfig
+from opd_tasks.config import ModelConfig, RunConfig
 from opd_tasks.context import RunContext
 from opd_tasks.engines.base import Scorer
 from opd_tasks.errors import ModelPathError, OpdError, ShardError
@@ -59,26 +59,52 @@ def routed_rows(cfg: RunConfig, domains: list[str | None]) -> dict[str, list[np.
     return calls
 
 
-def score_table(table: pa.Table, scorers: Mapping[str, Scorer], cfg: RunConfig, with_ref: bool) -> pa.Table:
+def references(cfg: RunConfig, ref_path: str) -> dict[str, tuple[str, ModelConfig]]:
+    """Per teacher, (scorer key, model) of the reference that scores its routed samples: REF for the
+    run's reference (`ref_path`), REF + path for a teacher's own other one (teachers[].reference).
+    A teacher's reference at the run reference's path is the run reference (one scorer, one call)."""
+    out = {}
+    for t in cfg.teachers:
+        m = cfg.teacher_reference(t.name, ref_path)
+        out[t.name] = (REF if m.path == ref_path else REF + m.path, m)
+    return out
+
+
+def _reference_calls(cfg: RunConfig, domains: list[str | None], ref_path: str) -> dict[str, list[np.ndarray]]:
+    """Scorer key -> [rows]: every row by the run's reference, unless teachers name their own
+    (route only): then each reference scores the rows routed to the teachers that name it."""
+    refs = references(cfg, ref_path)
+    if cfg.combination != "route" or {k for k, _ in refs.values()} == {REF}:
+        return {REF: [np.arange(len(domains))]}
+    dom = np.asarray(domains, dtype=object)
+    rows: dict[str, list[int]] = {}
+    for t in cfg.teachers:
+        rows.setdefault(refs[t.name][0], []).extend(np.flatnonzero(dom == t.domain).tolist())
+    return {key: [np.array(sorted(r), np.int64)] for key, r in rows.items()}
+
+
+def score_table(table: pa.Table, scorers: Mapping[str, Scorer], cfg: RunConfig, with_ref: bool,
+                ref_path: str | None = None) -> pa.Table:
     """Rollout-shaped table -> scored table: teacher_logp.NAME for each teacher (null on the rows it
     does not score when scoring is routed: routed_rows), the combination, and ref_logp when
-    `with_ref` (scorers[REF] is the reference, which scores every row)."""
+    `with_ref`: the run's reference (scorers[REF], at `ref_path`) on every row, or under route each
+    row by its teacher's reference (scorers[REF + path], see references)."""
     prompts, _ = _lists(table, "prompt_ids")
     responses, _ = _lists(table, "response_ids")
     domains = table.column("domain").to_pylist()
     calls = routed_rows(cfg, domains)
-    if with_ref:
-        calls[REF] = [np.arange(table.num_rows)]
+    ref_calls = _reference_calls(cfg, domains, ref_path) if with_ref else {}
+    calls.update(ref_calls)
     per_teacher: dict[str, list[np.ndarray | None]] = {}
     for name, scorer in scorers.items():
-        if name == REF and not with_ref:
+        if name not in calls:
             continue
         idx = np.concatenate(calls[name])
         out = [lp for rows in calls[name] if len(rows)
                for lp in scorer.score([prompts[i] for i in rows], [responses[i] for i in rows])]
         for i, lp in zip(idx, out):
             if len(lp) != len(responses[i]) or not np.isfinite(lp).all():
-                who = "reference" if name == REF else f"teacher {name!r}"
+                who = f"reference {name[len(REF):] or ''}".strip() if name.startswith(REF) else f"teacher {name!r}"
                 raise ShardError(f"{who} returned {'non-finite' if len(lp) == len(responses[i]) else 'misaligned'} "
                                  f"log-probs for sample {table.column('sample_id')[int(i)].as_py()!r}; check that "
                                  f"model's weights and dtype (NaN/inf usually means overflow in float16)")
@@ -96,7 +122,11 @@ def score_table(table: pa.Table, scorers: Mapping[str, Scorer], cfg: RunConfig, 
     combined = combine(cfg.combination, flat, {t.name: t.weight for t in cfg.teachers},
                        domain_to_teacher={t.domain: t.name for t in cfg.teachers if t.domain},
                        sample_domain=domains, offsets=offsets)
-    ref = (np.concatenate(per_teacher[REF]), offsets) if with_ref else None
+    ref = None
+    if with_ref:  # each row from the one reference that scored it
+        rows_ref = [next(per_teacher[k][i] for k in ref_calls if per_teacher[k][i] is not None)
+                    for i in range(table.num_rows)]
+        ref = (np.concatenate(rows_ref) if rows_ref else np.zeros(0, np.float32), offsets)
     base = table.drop_columns([c for c in table.column_names if c.startswith(TEACHER_PREFIX)
                                or c in ("teacher_logp", "ref_logp")])
     cols = {n: per_teacher[n] if any(lp is None for lp in per_teacher[n]) else (flat[n], offsets) for n in names}
@@ -127,6 +157,14 @@ def recombine(table: pa.Table, combination: str, teachers: list[dict]) -> pa.Tab
                                                                                pa.array(combined, pa.float32())))
 
 
+def teacher_references(cfg: RunConfig, ref_path: str) -> dict[str, str] | None:
+    """Which reference scored each teacher's routed rows (provenance), when any teacher has its own."""
+    refs = references(cfg, ref_path)
+    if cfg.combination != "route" or {k for k, _ in refs.values()} == {REF}:
+        return None
+    return {name: m.path for name, (_, m) in refs.items()}
+
+
 def teacher_provenance(cfg: RunConfig) -> list[dict]:
     return [{"name": t.name, "path": t.path, "weight": t.weight, "domain": t.domain} for t in cfg.teachers]
 
@@ -143,6 +181,10 @@ def check_tokenizers(cfg: RunConfig, student: str, with_ref: bool, ref_path: str
     for t in cfg.teachers:
         fp = check_same_tokenizer(student, _present(t.path, f"teacher {t.name!r}"), f"teacher {t.name!r}")
     if with_ref:
+        for t in cfg.teachers if cfg.combination == "route" else []:
+            if t.reference is not None and t.reference.path != ref_path:
+                role = f"teacher {t.name!r}'s reference (teachers[].reference.path)"
+                fp = check_same_tokenizer(student, _present(t.reference.path, role), role)
         fp = check_same_tokenizer(student, _present(ref_path, "reference"), "reference")
     return fp
 
@@ -151,13 +193,17 @@ _SCORERS: dict[tuple, Scorer] = {}
 
 
 def get_scorers(cfg: RunConfig, with_ref: bool, ref_path: str) -> dict[str, Scorer]:
-    """Teachers (and the reference) loaded once per process; scoring.engine picks the backend."""
+    """Teachers (and the references) loaded once per process, each distinct model once;
+    scoring.engine picks the backend."""
     from opd_tasks.engines import make_scorer
     s = cfg.scoring
     wanted = [(t.name, t.path, t.dtype, t.trust_remote_code, t.url) for t in cfg.teachers]
     if with_ref:
         r = cfg.reference or cfg.student
         wanted.append((REF, ref_path, r.dtype, r.trust_remote_code, None))
+        for key, m in dict(references(cfg, ref_path).values()).items() if cfg.combination == "route" else ():
+            if key != REF:
+                wanted.append((key, m.path, m.dtype, m.trust_remote_code, None))
     out = {}
     for name, path, dtype, trc, url in wanted:
         key = (s.engine, path, dtype, url)
@@ -191,9 +237,10 @@ def run_scoring(ctx: RunContext, iteration: int) -> StageResult:
                                 teachers=teacher_provenance(cfg), combination=cfg.combination,
                                 tokenizer_path=student, tokenizer_fingerprint=fingerprint,
                                 student_checkpoint=student, reference=ctx.reference_path if with_ref else None,
-                                engine=cfg.scoring.engine)
+                                engine=cfg.scoring.engine, scoring_teachers="routed" if cfg.routed_scoring else "all",
+                                teacher_references=teacher_references(cfg, ctx.reference_path) if with_ref else None)
         for k, part in todo:
-            table = score_table(read_part(fs, src, part), scorers, cfg, with_ref)
+            table = score_table(read_part(fs, src, part), scorers, cfg, with_ref, ctx.reference_path)
             tokens += int(pc.sum(pc.list_value_length(table.column("response_ids"))).as_py() or 0)
             done[k] = write_part(fs, stage, k, table, prov)
             fault_point("scored.part")

@@ -316,6 +316,8 @@ def _path_fields(cfg) -> list[tuple[str, object, str]]:
     fields = [("student.path", cfg.student, "path"), ("data.train", cfg.data, "train"),
               ("data.eval", cfg.data, "eval")]
     fields += [(f"teachers[{i}].path", t, "path") for i, t in enumerate(cfg.teachers)]
+    fields += [(f"teachers[{i}].reference.path", t.reference, "path") for i, t in enumerate(cfg.teachers)
+               if t.reference is not None]
     if cfg.reference is not None:
         fields.append(("reference.path", cfg.reference, "path"))
     return fields

@@ -21,7 +21,8 @@ def _cfg(world, model="route", **gen):
 
 
 def test_route_generation_records_the_teachers_own_logprobs_and_rewards(tmp_path, tiny_world):
-    ctx = prepare_run(parse_config(_cfg(tiny_world)), str(tmp_path / "run"))
+    # scoring.teachers: all, so that each teacher also scores the other's samples (checked below)
+    ctx = prepare_run(parse_config({**_cfg(tiny_world), "scoring": {"teachers": "all"}}), str(tmp_path / "run"))
     res = run_offline_generation(ctx)
     assert res.rows == 12 and not res.skipped
     rollout = read_stage(ctx.layout.fs, ctx.offline_dir("rollout"))
