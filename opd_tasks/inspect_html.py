@@ -27,7 +27,7 @@ from opd_tasks.inspect import _decoder, _f, _find_scored, analyze, kl_estimates
 from opd_tasks.inspect_page import PAGE
 from storage.fs import filesystem, write_text_atomic
 from storage.layout import RunLayout
-from storage.shards import PROVENANCE_KEY, read_stage, teacher_columns
+from storage.shards import PROVENANCE_KEY, flat_logp, read_stage, teacher_columns
 
 log = logging.getLogger("opd.inspect")
 MAX_SAMPLES = 200
@@ -101,7 +101,8 @@ def _domain_kl(table: pa.Table, prov: dict, teachers: list[str], b: np.ndarray, 
     domains = np.array(table.column("domain").to_pylist(), dtype=object)[row_of]
     out = {}
     for k in teachers:
-        tk = pc.list_flatten(table.column("teacher_logp." + k)).to_numpy().astype(np.float64)
+        lens = pc.list_value_length(table.column("response_ids")).to_numpy().astype(np.int64)
+        tk = flat_logp(table.column("teacher_logp." + k), lens).astype(np.float64)  # NaN: not scored (routed)
         d = domain_of.get(k)
         sel = domains == d if d is not None else np.ones(tk.size, bool)
         k1, k3 = kl_estimates(b[sel], tk[sel])

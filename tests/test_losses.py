@@ -472,3 +472,26 @@ def test_bad_input_is_named():
                          ("lam", math.nan)):
         with pytest.raises(ValueError, match=f"loss.{field}"):
             LossParams(**{field: value})
+
+
+def test_gopd_with_two_references_in_one_batch_matches_hand_computation():
+    """Reward correction: rows routed to two teachers carry ref_logp from two different bases
+    (teachers[].reference); the loss reads ref_logp per token, so each row uses its own."""
+    batch = make_batch(B=3, L=6, seed=7)
+    base_a, base_b = -3 * torch.rand(3, 6, dtype=D), -0.5 * torch.rand(3, 6, dtype=D)  # two distinct bases
+    routed_to_a = torch.tensor([True, False, True])
+    batch["ref_logp"] = torch.where(routed_to_a[:, None], base_a, base_b)
+    for p in (LossParams(kind="gopd", lam=1.25), LossParams(kind="gopd", lam=1.5, aggregation="seq_mean")):
+        loss, _ = compute_loss(p, batch)
+        (grad,) = torch.autograd.grad(loss, batch["logp"])
+        want_loss, want_grad = ref_of(p, batch)
+        assert abs(loss.item() - want_loss) < 1e-12
+        torch.testing.assert_close(grad, torch.tensor(want_grad, dtype=D), rtol=0, atol=1e-12)
+        one_base, _ = compute_loss(p, {**batch, "ref_logp": base_a})
+        assert abs(one_base.item() - loss.item()) > 1e-6  # the second base changes the loss: it is read
+    # lambda = 1: the references cancel, bitwise rkl whatever they are
+    f32 = {k: (v.detach().float() if v.is_floating_point() else v) for k, v in batch.items()}
+    rkl, _ = compute_loss(LossParams(kind="rkl"), f32)
+    for ref in (base_a, batch["ref_logp"]):
+        g, _ = compute_loss(LossParams(kind="gopd", lam=1.0), {**f32, "ref_logp": ref.float()})
+        assert torch.equal(rkl, g)
