@@ -26,7 +26,7 @@ from typing import Sequence
 import fsspec
 
 from storage.errors import ManifestError
-from storage.fs import TMP_SUFFIX, exists
+from storage.fs import TMP_SUFFIX, exists, size
 from storage.layout import RunLayout
 from storage.manifest import (MANIFEST_NAME, Manifest, Status, commit_manifest, describe_file, read_manifest,
                               stage_files, stage_status)
@@ -83,8 +83,8 @@ def commit_checkpoint(layout: RunLayout, n: int, config_hash: str | None = None,
                             f"save again before committing")
     parts = []
     for f in files:
-        size = int(layout.fs.size(posixpath.join(d, f)))
-        parts.append(describe_file(layout.fs, d, f, checksum=size <= checksum_max_bytes))
+        n = size(layout.fs, posixpath.join(d, f))
+        parts.append(describe_file(layout.fs, d, f, checksum=n <= checksum_max_bytes))
     m = Manifest(stage="checkpoint", config_hash=config_hash, inputs=inputs or {}, parts=parts,
                  extra={"iteration": n, **(extra or {})})
     commit_manifest(layout.fs, d, m)

@@ -12,6 +12,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from storage.errors import DataError
+from storage.fs import exists, read_bytes
 
 FORMATS = (".parquet", ".jsonl", ".json")
 
@@ -19,14 +20,14 @@ FORMATS = (".parquet", ".jsonl", ".json")
 def read_table(path: str, storage_options: dict | None = None) -> pa.Table:
     """Read a whole Parquet or JSONL file through fsspec."""
     fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    if not fs.exists(p):
+    if not exists(fs, p):
         raise DataError(f"{path}: dataset not found; check the path in the config (data.train / data.eval) "
                         f"or the --input option")
     if not p.endswith(FORMATS):
         raise DataError(f"{path}: unsupported format; use one of {', '.join(FORMATS)}")
+    data = pa.BufferReader(read_bytes(fs, p))  # I/O errors retried there; what follows is the content
     try:
-        with fs.open(p, "rb") as f:
-            return pq.read_table(f) if p.endswith(".parquet") else pajson.read_json(f)
+        return pq.read_table(data) if p.endswith(".parquet") else pajson.read_json(data)
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"{path}: cannot be read as {p.rsplit('.', 1)[-1]}: {err}") from None
 

@@ -28,7 +28,7 @@ from opd_tasks.trainer.batching import rows_from_table
 from opd_tasks.trainer.distributed import close_distributed, init_distributed, shard_model
 from opd_tasks.trainer.loop import LoopConfig, choose_old_logp, print_step, train_iteration
 from storage.checkpoints import commit_checkpoint
-from storage.fs import exists, filesystem, is_local, read_bytes
+from storage.fs import exists, filesystem, is_local, read_bytes, retried, storage_failure
 from storage.manifest import MANIFEST_NAME, Manifest, commit_manifest, remove_tmp_files, write_json_part
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,7 +89,7 @@ def local_dir(url: str):
         yield path
         return
     with tempfile.TemporaryDirectory(prefix="opd-init-") as tmp:
-        fs.get(path + "/", tmp + "/", recursive=True)
+        retried(fs, path, "downloading it", lambda: fs.get(path + "/", tmp + "/", recursive=True))
         yield tmp
 
 
@@ -194,7 +194,13 @@ def run(args: TrainArgs) -> dict:
         if args.iteration == OFFLINE_ITERATION:  # the offline phase: its own epochs, steps and lr
             loop = offline_phase(loop, optimizer, cfg)
         result = train_iteration(model, optimizer, rows, params, loop, d.device, step=step, on_step=print_step)
-        save_checkpoint(model, optimizer, args, cfg, hf_url, result["step"])
+        try:
+            save_checkpoint(model, optimizer, args, cfg, hf_url, result["step"])
+        except OSError as err:  # DCP / save_pretrained write themselves: a full disk says so in one line
+            final = storage_failure(err, getattr(err, "filename", None) or args.out_checkpoint, "saving the checkpoint")
+            if final is None:
+                raise
+            raise final from err
         metrics = {"iteration": args.iteration, "w_kd": params.w_kd, "loss_kind": params.kind,
                    "checkpoint": args.out_checkpoint, "old_logp_reason": old_why, **result}
         if d.rank == 0:
@@ -228,7 +234,8 @@ def save_checkpoint(model, optimizer, args: TrainArgs, cfg: RunConfig, hf_url: s
     train = {"step": step, "iteration": args.iteration, "world_size": len(rng), "rng": rng}
     ckpt.save_state(model, optimizer, _url(out.fs, posixpath.join(out.path, "dcp")), train)
     hf = posixpath.join(out.path, "hf")
-    put = None if is_local(out.fs) else (lambda tmp: out.fs.put(tmp + "/", hf + "/", recursive=True))
+    put = None if is_local(out.fs) else \
+        (lambda tmp: retried(out.fs, hf, "uploading the HF export", lambda: out.fs.put(tmp + "/", hf + "/", recursive=True)))
     with local_dir(hf_url) as tok_dir:
         ckpt.export_hf(model, model.config, hf, tok_dir, DTYPES[cfg.student.dtype], put=put,
                        trust_remote_code=cfg.student.trust_remote_code)
