@@ -69,6 +69,8 @@ def test_prefect_yaml_matches_the_flows(monkeypatch):
         assert required <= set(params), f"{dep['name']}: {required - set(params)} missing"
         assert (REPO / params["config_path"]).is_file(), dep["name"]
         assert dep["work_pool"]["name"]
+        limit = dep["concurrency_limit"]  # one flow run per deployment at a time (the run dir's lease refuses others)
+        assert limit["limit"] == 1 and limit["collision_strategy"] in ("CANCEL_NEW", "ENQUEUE"), dep["name"]
         for sched in dep.get("schedules") or []:
             CronSchedule(cron=sched["cron"], timezone=sched.get("timezone"))
     nightly = _deployment("toy-nightly")
