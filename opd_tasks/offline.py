@@ -59,11 +59,18 @@ def output_stage_dir(output: str) -> tuple[object, str]:
     return fs, path.rstrip("/")
 
 
+def _row(table: pa.Table, i: int) -> str:
+    """'row I (sample_id S)' of an input dataset: I counts from 0 over the whole file."""
+    if "sample_id" in table.column_names:
+        return f"row {i} (sample_id {table.column('sample_id')[i].as_py()!r})"
+    return f"row {i} (sample_id 's{i:09d}' as assigned)"
+
+
 def _ids_column(table: pa.Table, name: str, source: str) -> list[np.ndarray]:
     out = []
     for i, v in enumerate(table.column(name).to_pylist()):
         if v is None:
-            raise DataError(f"{source}: row {i} has a null {name!r}; every row needs token ids")
+            raise DataError(f"{source}: {_row(table, i)} has a null {name!r}; every row needs token ids")
         out.append(np.asarray(v, np.int32))
     return out
 
@@ -88,7 +95,7 @@ def to_rollout_table(table: pa.Table, tokenizer, source: str) -> tuple[pa.Table,
         raise DataError(f"{source}: the dataset is empty")
     empty = [i for i, r in enumerate(responses) if len(r) == 0]
     if empty:
-        raise DataError(f"{source}: {len(empty)} row(s) have an empty response (first: row {empty[0]}); "
+        raise DataError(f"{source}: {len(empty)} row(s) have an empty response (first: {_row(table, empty[0])}); "
                         f"drop them: there is no token to score")
     n = len(prompts)
     reward = table.column("reward").cast(pa.float32()) if "reward" in cols else None
@@ -136,7 +143,8 @@ def score_offline(cfg: RunConfig, input_path: str, output: str, rows_per_part: i
         if k in done:
             continue
         scorers = scorers or get_scorers(cfg, with_ref, ref_path)
-        part = score_table(table.slice(k * per, per), scorers, cfg, with_ref, ref_path)
+        part = score_table(table.slice(k * per, per), scorers, cfg, with_ref, ref_path,
+                           where=f"{input_path} (rows {k * per}.. go to part-{k:05d})", first_row=k * per)
         tokens += sum(len(r) for r in part.column("response_ids").to_pylist())
         done[k] = write_part(fs, stage, k, part, prov, vocab_size=len(tokenizer))
         log.info("offline scoring: part %d (%d rows)", k, part.num_rows)

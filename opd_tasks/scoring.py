@@ -84,11 +84,12 @@ def _reference_calls(cfg: RunConfig, domains: list[str | None], ref_path: str) -
 
 
 def score_table(table: pa.Table, scorers: Mapping[str, Scorer], cfg: RunConfig, with_ref: bool,
-                ref_path: str | None = None) -> pa.Table:
+                ref_path: str | None = None, where: str = "", first_row: int = 0) -> pa.Table:
     """Rollout-shaped table -> scored table: teacher_logp.NAME for each teacher (null on the rows it
     does not score when scoring is routed: routed_rows), the combination, and ref_logp when
     `with_ref`: the run's reference (scorers[REF], at `ref_path`) on every row, or under route each
-    row by its teacher's reference (scorers[REF + path], see references)."""
+    row by its teacher's reference (scorers[REF + path], see references). `where` (the input and its
+    part) and `first_row` (the table's first row in that input) name a bad row in errors."""
     prompts, _ = _lists(table, "prompt_ids")
     responses, _ = _lists(table, "response_ids")
     domains = table.column("domain").to_pylist()
@@ -105,8 +106,10 @@ def score_table(table: pa.Table, scorers: Mapping[str, Scorer], cfg: RunConfig, 
         for i, lp in zip(idx, out):
             if len(lp) != len(responses[i]) or not np.isfinite(lp).all():
                 who = f"reference {name[len(REF):] or ''}".strip() if name.startswith(REF) else f"teacher {name!r}"
-                raise ShardError(f"{who} returned {'non-finite' if len(lp) == len(responses[i]) else 'misaligned'} "
-                                 f"log-probs for sample {table.column('sample_id')[int(i)].as_py()!r}; check that "
+                raise ShardError(f"{where + ': ' if where else ''}{who} returned "
+                                 f"{'non-finite' if len(lp) == len(responses[i]) else 'misaligned'} log-probs for "
+                                 f"sample {table.column('sample_id')[int(i)].as_py()!r} (row {first_row + int(i)}); "
+                                 f"check that "
                                  f"model's weights and dtype (NaN/inf usually means overflow in float16)")
         full: list[np.ndarray | None] = [None] * table.num_rows
         for i, lp in zip(idx, out):
@@ -239,8 +242,10 @@ def run_scoring(ctx: RunContext, iteration: int) -> StageResult:
                                 student_checkpoint=student, reference=ctx.reference_path if with_ref else None,
                                 engine=cfg.scoring.engine, scoring_teachers="routed" if cfg.routed_scoring else "all",
                                 teacher_references=teacher_references(cfg, ctx.reference_path) if with_ref else None)
+        first = {p.name: sum(q.rows or 0 for q in rollout.parts[:i]) for i, p in enumerate(rollout.parts)}
         for k, part in todo:
-            table = score_table(read_part(fs, src, part), scorers, cfg, with_ref, ctx.reference_path)
+            table = score_table(read_part(fs, src, part), scorers, cfg, with_ref, ctx.reference_path,
+                                where=f"{ctx.layout.url_of(src)} part {part.name}", first_row=first[part.name])
             tokens += int(pc.sum(pc.list_value_length(table.column("response_ids"))).as_py() or 0)
             done[k] = write_part(fs, stage, k, table, prov)
             fault_point("scored.part")

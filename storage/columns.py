@@ -243,8 +243,9 @@ def check_columns(schema: pa.Schema, kind: str, teacher_names: Sequence[str] | N
 
 
 def _sample(table: pa.Table, row: int) -> str:
+    """The sample_id of `row` and the row (counted from 0 in `source`, the part or table checked)."""
     try:
-        return repr(table.column("sample_id")[int(row)].as_py())
+        return f"{table.column('sample_id')[int(row)].as_py()!r} (row {int(row)})"
     except Exception:  # noqa: BLE001 - naming the row is enough when sample_id is itself broken
         return f"(row {int(row)})"
 

@@ -111,7 +111,9 @@ def rows_from_table(table: pa.Table, source: str, *, need_ref: bool = False, nee
         vals, n = _lists(table, name, source, np.float32, rlen if name.startswith(TEACHER_PREFIX) else None)
         bad = np.flatnonzero(n != rlen)
         if len(bad):
-            raise TrainError(f"{source}: column {name!r} row {int(bad[0])} has {int(n[bad[0]])} values for "
+            sid = table.column("sample_id")[int(bad[0])].as_py() if "sample_id" in table.column_names else None
+            raise TrainError(f"{source}: column {name!r} row {int(bad[0])} (sample_id {sid!r}, counting the "
+                             f"stage's parts in order) has {int(n[bad[0]])} values for "
                              f"{int(rlen[bad[0]])} response tokens ({len(bad)} rows differ); log-probs must be "
                              f"in response-token indexing; re-run the stage that wrote {name!r}")
         token[name] = [torch.from_numpy(v) for v in vals]
