@@ -48,8 +48,13 @@ def _options(debug: bool = typer.Option(False, "--debug", help="show Prefect's e
 
 
 class _BelowError(logging.Filter):
+    """Console: no ERROR records, no "Finished in state Failed(<the error again>)" of each flow run."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR
+        if record.levelno >= logging.ERROR:
+            return False
+        msg = record.msg if isinstance(record.msg, str) else ""
+        return not msg.startswith(("Finished in state Failed", "Finished in state Crashed"))
 
 
 def _capture_logs(command: str) -> None:
