@@ -66,7 +66,8 @@ class FaultPlan:
     limit: int | None = None    # at most this many failures
     target: str = "memory"      # memory or file
     calls: int = field(default=0, init=False)
-    failures: Counter = field(default_factory=Counter, init=False)
+    failures: Counter = field(default_factory=Counter, init=False)   # injected, by kind
+    seen: Counter = field(default_factory=Counter, init=False)       # every call, by kind
 
     def __post_init__(self):
         self.ops = frozenset(self.ops)
@@ -83,6 +84,8 @@ class FaultPlan:
 
     def check(self, op: str, path: str) -> None:
         """Raise this plan's error for this call, or return."""
+        with self._lock:
+            self.seen[op] += 1
         if op not in self.ops:
             return
         with self._lock:

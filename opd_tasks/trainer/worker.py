@@ -28,6 +28,7 @@ from opd_tasks.trainer.batching import rows_from_table
 from opd_tasks.trainer.distributed import close_distributed, init_distributed, shard_model
 from opd_tasks.trainer.loop import LoopConfig, choose_old_logp, print_step, train_iteration
 from storage.checkpoints import commit_checkpoint
+from storage.errors import StorageError
 from storage.fs import exists, filesystem, is_local, read_bytes, retried, storage_failure
 from storage.manifest import MANIFEST_NAME, Manifest, commit_manifest, remove_tmp_files, write_json_part
 
@@ -146,6 +147,25 @@ def _apply_hparams(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> None:
                  weight_decay=cfg.train.weight_decay)
 
 
+@contextmanager
+def storage_errors(url: str, what: str):
+    """DCP and save_pretrained do their own I/O: an OSError of theirs (DCP wraps it in a
+    CheckpointException, a BaseException) becomes one line naming the path (StorageFullError for a
+    full or read-only disk, else StorageError)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        yield
+    except (OSError, CheckpointException) as err:
+        causes = [err] if isinstance(err, OSError) else [e for e, _ in err.failures.values()]
+        cause = next((e for e in causes if isinstance(e, OSError)), None)
+        if cause is None:
+            raise
+        where = getattr(cause, "filename", None) or url
+        raise (storage_failure(cause, str(where), what) or StorageError(
+            f"{where}: {what} failed ({type(cause).__name__}: {cause}); check the storage, then `opd resume` the "
+            f"run (the train stage is redone from its inputs)")) from err
+
+
 def _rm_manifest(url: str) -> None:
     fs, path = filesystem(url)
     man = posixpath.join(path, MANIFEST_NAME)
@@ -182,7 +202,8 @@ def run(args: TrainArgs) -> dict:
         optimizer = make_optimizer(model, cfg)
         step = 0
         if dcp_url is not None:
-            state = ckpt.load_state(model, optimizer, dcp_url)
+            with storage_errors(dcp_url, "loading the train state"):
+                state = ckpt.load_state(model, optimizer, dcp_url)
             _apply_hparams(optimizer, cfg)
             ckpt.set_rng_state(state["rng"])
             step = int(state["step"])
@@ -194,13 +215,8 @@ def run(args: TrainArgs) -> dict:
         if args.iteration == OFFLINE_ITERATION:  # the offline phase: its own epochs, steps and lr
             loop = offline_phase(loop, optimizer, cfg)
         result = train_iteration(model, optimizer, rows, params, loop, d.device, step=step, on_step=print_step)
-        try:
+        with storage_errors(args.out_checkpoint, "saving the checkpoint"):
             save_checkpoint(model, optimizer, args, cfg, hf_url, result["step"])
-        except OSError as err:  # DCP / save_pretrained write themselves: a full disk says so in one line
-            final = storage_failure(err, getattr(err, "filename", None) or args.out_checkpoint, "saving the checkpoint")
-            if final is None:
-                raise
-            raise final from err
         metrics = {"iteration": args.iteration, "w_kd": params.w_kd, "loss_kind": params.kind,
                    "checkpoint": args.out_checkpoint, "old_logp_reason": old_why, **result}
         if d.rank == 0:
