@@ -48,9 +48,13 @@ def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
-def storage_failure(err: OSError, url: str, what: str) -> OpdError | None:
-    """The one-line error of a write that waiting will not fix (no space, read-only), else None."""
+def storage_failure(err: OSError, url: str, what: str, local: bool = False) -> OpdError | None:
+    """The one-line error of a write that waiting will not fix (no space, read-only; on a local disk
+    also no permission: remote 403s may be transient and are retried), else None."""
     code = getattr(err, "errno", None)
+    if local and code in (errno.EACCES, errno.EPERM):
+        return StorageFullError(f"{url}: permission denied ({what}); make {os.path.dirname(url) or url} writable "
+                                f"for this user or choose another run directory, then `opd resume` the run")
     if code in NO_SPACE:
         where = (f"df -h {os.path.dirname(url) or url}" if "://" not in url
                  else "a bucket quota or the local temp dir of an upload")
@@ -128,7 +132,7 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         except BaseException as err:
             if os.path.exists(tmp):
                 os.remove(tmp)
-            if isinstance(err, OSError) and (final := storage_failure(err, path, what)) is not None:
+            if isinstance(err, OSError) and (final := storage_failure(err, path, what, local=True)) is not None:
                 raise final from err
             raise
         return

@@ -161,7 +161,7 @@ def storage_errors(url: str, what: str):
         if cause is None:
             raise
         where = getattr(cause, "filename", None) or url
-        raise (storage_failure(cause, str(where), what) or StorageError(
+        raise (storage_failure(cause, str(where), what, local="://" not in str(where)) or StorageError(
             f"{where}: {what} failed ({type(cause).__name__}: {cause}); check the storage, then `opd resume` the "
             f"run (the train stage is redone from its inputs)")) from err
 

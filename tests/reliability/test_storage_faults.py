@@ -182,3 +182,14 @@ def test_exists_is_true_false_or_an_error(monkeypatch):
     with inject(FaultPlan(rate=1.0, ops={"read"}, error="eio")):
         with pytest.raises(StorageError, match=r"/a: checking whether it exists failed 5 times \(OSError: \[Errno 5\]"):
             sfs.exists(fs, f"{path}/a")
+
+
+def test_no_permission_on_a_local_directory_is_named_in_one_line(tmp_path, monkeypatch):
+    def denied(src, dst):
+        raise PermissionError(errno.EACCES, "Permission denied", dst)  # what a chmod 555 dir gives (not to root)
+    monkeypatch.setattr(os, "replace", denied)
+    fs, path = sfs.filesystem(str(tmp_path / "stage"))
+    with pytest.raises(StorageFullError, match=rf"^{tmp_path}/stage/a\.json: permission denied \(writing 2 bytes\); "
+                                               rf"make {tmp_path}/stage writable for this user"):
+        sfs.write_bytes_atomic(fs, f"{path}/a.json", b"{}")
+    assert os.listdir(tmp_path / "stage") == []
