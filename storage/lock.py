@@ -139,8 +139,12 @@ class Lease:
     def __enter__(self) -> "Lease":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - the error that stopped the run matters more; the lease expires
+            if exc_type is None:
+                raise
 
 
 def lease_path(layout: RunLayout, number: int) -> str:

@@ -115,3 +115,19 @@ def test_a_sigkilled_holder_does_not_block_the_next_writer(backend, tmp_path, re
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+def test_a_failing_release_does_not_hide_the_error_that_stopped_the_run(tmp_path, monkeypatch):
+    from storage.errors import StorageError
+    from storage.lock import Lease
+
+    def down(self):
+        raise StorageError("the store is down")
+    monkeypatch.setattr(Lease, "release", down)
+    lay = RunLayout(str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="the run's own error"):
+        with acquire_lease(lay, renew=False):
+            raise ValueError("the run's own error")
+    with pytest.raises(StorageError, match="the store is down"):  # with nothing else to report, it is reported
+        with acquire_lease(RunLayout(str(tmp_path / "other")), renew=False):
+            pass
