@@ -107,10 +107,9 @@ def save_hf(state: dict[str, torch.Tensor], config, dst_dir: str, init_dir: str,
     model. The model is built on the meta device and takes the tensors as they are (no copy), so
     save_pretrained handles tied weights and sharding of large files. Local dst_dir only.
     """
-    from transformers import AutoModelForCausalLM
+    from opd_tasks.models import empty_causal_lm
 
-    with torch.device("meta"):
-        shell = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    shell = empty_causal_lm(config, dtype, trust_remote_code)
     shell.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
     shell.tie_weights()
     os.makedirs(dst_dir, exist_ok=True)

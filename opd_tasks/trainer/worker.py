@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import math
 import posixpath
-import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -22,6 +20,7 @@ import yaml
 
 from opd_tasks.config import ConfigError, RunConfig, parse_config
 from opd_tasks.losses import LossParams, annealed_w_kd
+from opd_tasks.models import load_for_training, local_model_dir
 from opd_tasks.trainer import TrainError
 from opd_tasks.trainer import checkpoint as ckpt
 from opd_tasks.trainer.batching import rows_from_table
@@ -81,18 +80,6 @@ def rank_seed(seed: int, iteration: int, rank: int) -> int:
     return int.from_bytes(hashlib.sha256(f"opd-rng/{seed}/{iteration}/{rank}".encode()).digest()[:8], "little") >> 1
 
 
-@contextmanager
-def local_dir(url: str):
-    """A local directory with the contents of `url` (the path itself when local; else a temp copy)."""
-    fs, path = filesystem(url)
-    if is_local(fs):
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="opd-init-") as tmp:
-        fs.get(path + "/", tmp + "/", recursive=True)
-        yield tmp
-
-
 def resolve_init(url: str) -> tuple[str, str | None]:
     """(HF dir URL, DCP dir URL or None) of an init checkpoint (dcp/ + hf/) or an HF model dir."""
     fs, path = filesystem(url)
@@ -125,11 +112,10 @@ def load_rows(scored_dir: str, cfg: RunConfig, iteration: int = 0):
 
 
 def build_model(hf_url: str, cfg: RunConfig, mesh):
-    from transformers import AutoModelForCausalLM
-    with local_dir(hf_url) as d:
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
-                                                     trust_remote_code=cfg.student.trust_remote_code)
-    return shard_model(model, mesh, cfg.train.mixed_precision)
+    """The student, float32, sharded over `mesh`, loaded lean: each rank materializes only its own
+    shard from the safetensors files (a URL: from the node's cached copy)."""
+    return load_for_training(hf_url, "float32", prepare=lambda m: shard_model(m, mesh, cfg.train.mixed_precision),
+                             device=mesh.device_type, trust_remote_code=cfg.student.trust_remote_code, role="student")
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -229,9 +215,8 @@ def save_checkpoint(model, optimizer, args: TrainArgs, cfg: RunConfig, hf_url: s
     ckpt.save_state(model, optimizer, _url(out.fs, posixpath.join(out.path, "dcp")), train)
     hf = posixpath.join(out.path, "hf")
     put = None if is_local(out.fs) else (lambda tmp: out.fs.put(tmp + "/", hf + "/", recursive=True))
-    with local_dir(hf_url) as tok_dir:
-        ckpt.export_hf(model, model.config, hf, tok_dir, DTYPES[cfg.student.dtype], put=put,
-                       trust_remote_code=cfg.student.trust_remote_code)
+    ckpt.export_hf(model, model.config, hf, local_model_dir(hf_url, "student"), DTYPES[cfg.student.dtype], put=put,
+                   trust_remote_code=cfg.student.trust_remote_code)
     if rank == 0:
         commit_checkpoint(out, args.iteration, config_hash=cfg.config_hash(),
                           inputs={"scored": args.scored_dir, "init": args.init_checkpoint}, extra={"step": step})
