@@ -52,19 +52,19 @@ def _field(role: str) -> str:
     return "trust_remote_code of this model in the run config"
 
 
-def remote_code(local_dir: str, trust_remote_code: bool, role: str = "model") -> bool:
+def remote_code(local_dir: str, trust_remote_code: bool, role: str = "model", tokenizer: bool = False) -> bool:
     """The trust_remote_code to pass to transformers: refused (ModelPathError) when the model ships
-    code (auto_map) and the config does not allow it; logged when it is allowed."""
+    code (an auto_map: in config.json for a model, the AutoTokenizer entry or tokenizer_config.json
+    for a tokenizer) and the config does not allow it; logged when it is allowed."""
     wants = []
-    for name in ("config.json", "tokenizer_config.json"):
+    for name in ("config.json", "tokenizer_config.json") if tokenizer else ("config.json",):
         f = os.path.join(local_dir, name)
-        if os.path.isfile(f):
-            try:
-                auto = json.loads(Path(f).read_text()).get("auto_map")
-            except (OSError, ValueError, AttributeError):
-                auto = None
-            if auto:
-                wants.append(name)
+        try:
+            auto = json.loads(Path(f).read_text()).get("auto_map") if os.path.isfile(f) else None
+        except (OSError, ValueError, AttributeError):
+            auto = None
+        if auto and (not tokenizer or name != "config.json" or "AutoTokenizer" in auto):
+            wants.append(name)
     if wants and not trust_remote_code:
         raise ModelPathError(f"{role} {local_dir!r}: {' and '.join(wants)} name code shipped with the model "
                              f"(auto_map); opd runs such code only when the config asks: set {_field(role)}: "
@@ -80,7 +80,8 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False, rol
     from transformers import AutoTokenizer
     local = local_model_dir(path, role, need_config=False)
     try:
-        return AutoTokenizer.from_pretrained(local, trust_remote_code=remote_code(local, trust_remote_code, role))
+        trust = remote_code(local, trust_remote_code, role, tokenizer=True)
+        return AutoTokenizer.from_pretrained(local, trust_remote_code=trust)
     except (OSError, ValueError, TypeError) as err:
         raise ModelPathError(f"{role} path {os.fspath(path)!r}: cannot load a tokenizer ({err}); the directory "
                              f"needs tokenizer files (tokenizer.json / tokenizer_config.json), e.g. from "

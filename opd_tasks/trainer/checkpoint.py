@@ -5,6 +5,13 @@ A checkpoint directory (storage.checkpoints gives the names and commits the mani
                      string of step, iteration and every rank's RNG state
     hf/              config.json, model.safetensors, tokenizer files: from_pretrained and vLLM load it
     _MANIFEST.json   written last: only then does the checkpoint count
+
+What DCP writes: dcp/__R_0.distcp per rank (tensors, read back with torch.load(weights_only=True);
+non-tensor entries such as "train" with torch.load(weights_only=False)) and dcp/.metadata, a pickle
+of torch's checkpoint Metadata (the state dict's keys, shapes, dtypes and where each shard's bytes
+sit), written with pickle.dump and read with pickle.load (torch 2.13). Unpickling runs any code the
+file names, so the trainer loads DCP state only from its own run's checkpoints
+(worker.resolve_init); weights from anywhere else come in as safetensors (opd_tasks.models).
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import posixpath
 from dataclasses import asdict, dataclass, replace
 
@@ -80,10 +81,19 @@ def rank_seed(seed: int, iteration: int, rank: int) -> int:
     return int.from_bytes(hashlib.sha256(f"opd-rng/{seed}/{iteration}/{rank}".encode()).digest()[:8], "little") >> 1
 
 
-def resolve_init(url: str) -> tuple[str, str | None]:
-    """(HF dir URL, DCP dir URL or None) of an init checkpoint (dcp/ + hf/) or an HF model dir."""
+def resolve_init(url: str, out_checkpoint: str | None = None) -> tuple[str, str | None]:
+    """(HF dir URL, DCP dir URL or None) of an init checkpoint (dcp/ + hf/) or an HF model dir.
+
+    DCP train state is read only from the run's own checkpoints (the directory that holds
+    out_checkpoint, when given): DCP's dcp/.metadata is a pickle (torch's checkpoint Metadata
+    object, read with pickle.load), and unpickling a file runs whatever code it names. Weights
+    from anywhere else come in through their HF directory (safetensors)."""
     fs, path = filesystem(url)
     if exists(fs, posixpath.join(path, MANIFEST_NAME)):
+        if out_checkpoint is not None and _parent(url) != _parent(out_checkpoint):
+            raise TrainError(f"{url}: DCP train state is loaded only from this run's own checkpoints "
+                             f"({_parent(out_checkpoint)[1]}): its dcp/.metadata is a pickle, and unpickling "
+                             f"runs code; start from the checkpoint's HF export instead ({url}/hf)")
         return _url(fs, posixpath.join(path, "hf")), _url(fs, posixpath.join(path, "dcp"))
     if exists(fs, posixpath.join(path, "dcp")):
         raise TrainError(f"{url}: checkpoint has no {MANIFEST_NAME}: the train stage that wrote it did not "
@@ -97,6 +107,14 @@ def resolve_init(url: str) -> tuple[str, str | None]:
 
 def _url(fs, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def _parent(url: str) -> tuple[str, str]:
+    """(protocol, URL of the directory that holds `url`); local paths resolved (symlinks, ..)."""
+    fs, path = filesystem(url)
+    if is_local(fs):
+        return "file", os.path.dirname(os.path.realpath(path))
+    return str(fs.protocol), _url(fs, posixpath.dirname(path.rstrip("/")))
 
 
 def load_rows(scored_dir: str, cfg: RunConfig, iteration: int = 0):
@@ -151,7 +169,7 @@ def run(args: TrainArgs) -> dict:
     """Train one iteration on this rank; rank 0 returns (and writes) the metrics."""
     cfg = read_config(args.config)
     params = loss_params(cfg, args.iteration)
-    hf_url, dcp_url = resolve_init(args.init_checkpoint)
+    hf_url, dcp_url = resolve_init(args.init_checkpoint, args.out_checkpoint)
     rows = load_rows(args.scored_dir, cfg, args.iteration)
     d = init_distributed(cfg.train.device)
     try:
