@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -200,12 +200,62 @@ def _local_slice(param):
     return param, tuple(slice(0, s) for s in param.shape)
 
 
+class _SafetensorsFile:
+    """One .safetensors file read with plain seeks (no mmap): a block of rows of a tensor goes
+    straight into the destination's memory, so a rank touches only the bytes of its own shard."""
+    DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+    def __init__(self, path: str):
+        self.path = path
+        self.file = open(path, "rb")
+        n = int.from_bytes(self.file.read(8), "little")
+        try:
+            self.header = json.loads(self.file.read(n))
+        except ValueError as err:
+            raise ModelPathError(f"{path}: not a safetensors file ({err}); re-export the model") from None
+        self.header.pop("__metadata__", None)
+        self.base = 8 + n
+
+    def keys(self):
+        return self.header.keys()
+
+    def read_into(self, key: str, dst, index: tuple) -> None:
+        """dst[...] = tensor `key`[index], for an index that selects rows (dim 0) and keeps the rest."""
+        import math
+
+        import torch
+        e = self.header[key]
+        shape, (begin, end) = e["shape"], e["data_offsets"]
+        dtype = getattr(torch, self.DTYPES[e["dtype"]])
+        item = torch.empty((), dtype=dtype).element_size()
+        if end - begin != math.prod(shape) * item or list(dst.shape) != [s.stop - s.start for s in index]:
+            raise ModelPathError(f"{self.path}: tensor {key!r} has {end - begin} bytes for shape {shape}, "
+                                 f"or does not fit the model's parameter {list(dst.shape)}; re-export the model")
+        if any((s.start, s.stop) != (0, n) for s, n in zip(index[1:], shape[1:])):
+            raise ModelPathError(f"{self.path}: {key!r}: only row blocks (dim 0) are read, got {index}")
+        rows = index[0] if index else slice(0, 1)
+        row = math.prod(shape[1:]) * item
+        direct = dst.device.type == "cpu" and dst.dtype == dtype and dst.is_contiguous()
+        buf = dst if direct else torch.empty(dst.shape, dtype=dtype)
+        if buf.numel():
+            self.file.seek(self.base + begin + rows.start * row)
+            got = self.file.readinto(memoryview(buf.reshape(-1).view(torch.uint8).numpy()).cast("B"))
+            if got != (rows.stop - rows.start) * row:
+                raise ModelPathError(f"{self.path}: truncated at tensor {key!r}; re-export the model")
+        if not direct:
+            dst.copy_(buf)
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def fill_from_safetensors(model, local_dir: str, device="cpu", role: str = "model") -> None:
     """Materialize a model built by empty_causal_lm (sharded or not) on `device`: each parameter's
-    local part is read from the safetensors files as a slice (tied parameters once), buffers kept
-    (or read, when the files hold them). ModelPathError when a parameter is not in the files."""
+    local part (its rows, for an FSDP2 shard) is read from the safetensors files straight into its
+    memory (tied parameters once); buffers kept, or read when the files hold them. ModelPathError
+    when a parameter is not in the files."""
     import torch
-    from safetensors import safe_open
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     aliases: dict[int, tuple] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
@@ -216,23 +266,24 @@ def fill_from_safetensors(model, local_dir: str, device="cpu", role: str = "mode
         for n in names[1:]:
             owner, _, attr = n.rpartition(".")
             setattr(model.get_submodule(owner), attr, first)
-    with ExitStack() as stack, torch.no_grad():
-        where = {}
-        for f in safetensors_files(local_dir, role):
-            handle = stack.enter_context(safe_open(f, framework="pt", device="cpu"))
-            where.update(dict.fromkeys(handle.keys(), handle))
-        params = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
-        missing = []
-        for _, names in aliases.values():
-            key = next((n for n in names if n in where), None)
-            if key is None:
-                missing.append(names[0])
-                continue
-            local, index = _local_slice(params[names[0]])
-            src = where[key].get_slice(key)[index] if index else where[key].get_tensor(key)
-            local.copy_(src.to(local.dtype))
+    files = [_SafetensorsFile(f) for f in safetensors_files(local_dir, role)]
+    try:
+        where = {k: f for f in files for k in f.keys()}
+        params = dict(model.named_parameters(remove_duplicate=False))
+        missing = [names[0] for _, names in aliases.values() if not any(n in where for n in names)]
         if missing:
             raise ModelPathError(f"{role} {local_dir!r}: the safetensors files lack {missing[:5]}; the weights are "
                                  f"not of this model's architecture (config.json)")
-        for n, b in model.named_buffers():
-            b.copy_(where[n].get_tensor(n) if n in where else buffers[n])
+        with torch.no_grad():
+            for _, names in aliases.values():
+                key = next(n for n in names if n in where)
+                local, index = _local_slice(params[names[0]])
+                where[key].read_into(key, local, index)
+            for n, b in model.named_buffers():
+                if n in where:
+                    where[n].read_into(n, b, tuple(slice(0, s) for s in b.shape))
+                else:
+                    b.copy_(buffers[n])
+    finally:
+        for f in files:
+            f.close()
