@@ -17,7 +17,7 @@ from storage.model_cache import ModelCacheError, materialize
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
+def model_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("OPD_MODEL_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
@@ -62,14 +62,14 @@ def _files(d) -> dict:
     return {p.name: (p.stat().st_ino, p.read_bytes()) for p in sorted(d.iterdir())}
 
 
-def test_a_model_on_s3_is_copied_once_and_loads_like_the_local_one(cache, bucket, downloads, tiny_world):
+def test_a_model_on_s3_is_copied_once_and_loads_like_the_local_one(model_cache, bucket, downloads, tiny_world):
     import torch
     from opd_tasks.models import load_causal_lm, load_tokenizer
     name, fs = bucket
     url = _upload(fs, tiny_world["student"], f"s3://{name}/models/student")
     local = materialize(url)
-    assert local.startswith(str(cache)) and len(downloads) == len(os.listdir(tiny_world["student"]))
-    assert {k: v[1] for k, v in _files(cache / os.path.basename(local)).items()} == \
+    assert local.startswith(str(model_cache)) and len(downloads) == len(os.listdir(tiny_world["student"]))
+    assert {k: v[1] for k, v in _files(model_cache / os.path.basename(local)).items()} == \
         {p: open(os.path.join(tiny_world["student"], p), "rb").read() for p in os.listdir(tiny_world["student"])}
     n = len(downloads)
     model = load_causal_lm(url, role="student")  # through the cache: nothing fetched again
@@ -77,10 +77,10 @@ def test_a_model_on_s3_is_copied_once_and_loads_like_the_local_one(cache, bucket
     want = load_causal_lm(tiny_world["student"]).state_dict()
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
     assert load_tokenizer(url)("abc")["input_ids"] == load_tokenizer(tiny_world["student"])("abc")["input_ids"]
-    assert [p for p in os.listdir(cache) if "partial" in p] == []
+    assert [p for p in os.listdir(model_cache) if "partial" in p] == []
 
 
-def test_an_export_is_keyed_by_its_manifest_and_a_half_uploaded_one_is_refused(cache, bucket, downloads, tiny_world):
+def test_an_export_is_keyed_by_its_manifest_and_a_half_uploaded_one_is_refused(model_cache, bucket, downloads, tiny_world):
     name, fs = bucket
     root = f"s3://{name}/run"
     url = _export(fs, tiny_world["student"], root)
@@ -102,7 +102,7 @@ def test_an_export_is_keyed_by_its_manifest_and_a_half_uploaded_one_is_refused(c
         materialize(url)
 
 
-def test_a_failed_download_is_never_used_and_the_retry_fetches_only_what_was_missing(cache, bucket, downloads,
+def test_a_failed_download_is_never_used_and_the_retry_fetches_only_what_was_missing(model_cache, bucket, downloads,
                                                                                     tiny_world, monkeypatch):
     name, fs = bucket
     url = _export(fs, tiny_world["student"], f"s3://{name}/run")
@@ -111,7 +111,7 @@ def test_a_failed_download_is_never_used_and_the_retry_fetches_only_what_was_mis
     fs.rm_file(weights)  # an object the manifest lists is gone
     with pytest.raises(ModelCacheError, match=rf"s3://{weights}: missing on the store but listed for {url}"):
         materialize(url)
-    assert [p for p in os.listdir(cache) if not p.startswith(".")] == []  # no complete-looking copy
+    assert [p for p in os.listdir(model_cache) if not p.startswith(".")] == []  # no complete-looking copy
     complete = {os.path.basename(p) for p in downloads} - {"model.safetensors"}
     assert complete == {"config.json", "generation_config.json"}  # fetched before the missing one
     fs.pipe_file(weights, saved)
@@ -122,7 +122,7 @@ def test_a_failed_download_is_never_used_and_the_retry_fetches_only_what_was_mis
     assert open(os.path.join(local, "model.safetensors"), "rb").read() == saved
 
 
-def test_concurrent_loaders_share_one_download(cache, bucket, downloads, tiny_world, monkeypatch):
+def test_concurrent_loaders_share_one_download(model_cache, bucket, downloads, tiny_world, monkeypatch):
     name, fs = bucket
     url = _upload(fs, tiny_world["tx"], f"s3://{name}/models/tx")
     real = s3fs.S3FileSystem.get_file
@@ -142,7 +142,7 @@ def test_concurrent_loaders_share_one_download(cache, bucket, downloads, tiny_wo
     assert len(downloads) == len(os.listdir(tiny_world["tx"]))  # each file fetched once in all
 
 
-def test_store_errors_name_the_url(cache, bucket, monkeypatch, s3_endpoint):
+def test_store_errors_name_the_url(model_cache, bucket, monkeypatch, s3_endpoint):
     import moto.settings
     name, fs = bucket
     with pytest.raises(ModelCacheError, match=rf"s3://{name}/models/none: no files under this URL"):
