@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Callable
 from opd_tasks.errors import ModelPathError
 
 log = logging.getLogger("opd.models")
+_META_LOCK = threading.Lock()
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -152,18 +154,19 @@ def _parameters_on_meta():
     """Modules built inside get their parameters on the meta device (no memory) while buffers
     (e.g. rotary inv_freq, computed in __init__ and not stored in checkpoints) stay real."""
     import torch
-    register = torch.nn.Module.register_parameter
+    with _META_LOCK:  # the patch is process-wide: one build at a time
+        register = torch.nn.Module.register_parameter
 
-    def on_meta(module, name, param):
-        if param is not None and not param.is_meta:
-            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
+        def on_meta(module, name, param):
+            if param is not None and not param.is_meta:
+                param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            register(module, name, param)
 
-    torch.nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
+        torch.nn.Module.register_parameter = on_meta
+        try:
+            yield
+        finally:
+            torch.nn.Module.register_parameter = register
 
 
 def empty_causal_lm(config, dtype="float32", trust_remote_code: bool = False):
