@@ -26,9 +26,10 @@ def is_scheduled(ctx, iteration: int) -> bool:
     return every > 0 and ((iteration + 1) % every == 0 or iteration == last)
 
 
-def _accuracy(ctx, model_path: str, rows) -> dict[str, float]:
+def _accuracy(ctx, model_path: str, rows, trust_remote_code: bool = False) -> dict[str, float]:
     e = ctx.cfg.eval
-    return greedy_accuracy(model_path, rows, max_new_tokens=e.max_new_tokens, token_budget=e.token_budget)
+    return greedy_accuracy(model_path, rows, max_new_tokens=e.max_new_tokens, token_budget=e.token_budget,
+                           trust_remote_code=trust_remote_code)
 
 
 def read_baseline(ctx) -> dict:
@@ -39,8 +40,9 @@ def read_baseline(ctx) -> dict:
     if exists(fs, path):
         return read_json(fs, path)
     rows = eval_prompts(ctx)
-    base = {"student": _accuracy(ctx, ctx.cfg.student.path, rows),
-            "teachers": {t.name: _accuracy(ctx, t.path, rows) for t in ctx.cfg.teachers},
+    trc = ctx.cfg.student.trust_remote_code
+    base = {"student": _accuracy(ctx, ctx.cfg.student.path, rows, trc),
+            "teachers": {t.name: _accuracy(ctx, t.path, rows, t.trust_remote_code) for t in ctx.cfg.teachers},
             "eval_prompts": rows.num_rows}
     write_json_atomic(fs, path, base)
     return base
@@ -66,7 +68,7 @@ def run_evaluation(ctx, iteration: int):
         read_baseline(ctx)  # once per run, before the first evaluation
         model = ctx.layout.url_of(hf_dir(ctx.layout, iteration))
         rows = eval_prompts(ctx)
-        metrics.update(accuracy=_accuracy(ctx, model, rows), checkpoint=model, eval_prompts=rows.num_rows)
+        metrics.update(accuracy=_accuracy(ctx, model, rows, ctx.cfg.student.trust_remote_code), checkpoint=model, eval_prompts=rows.num_rows)
     metrics["seconds"] = time.perf_counter() - t0
     fault_point("eval")
     part = write_json_part(fs, stage, "metrics.json", metrics)

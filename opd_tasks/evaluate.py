@@ -34,16 +34,12 @@ def _as_rows(rows: Any) -> list[dict]:
     return rows
 
 
-def load_model(model_path: str, dtype: torch.dtype = torch.float32):
-    """(model in eval mode, tokenizer) from an HF directory; ModelPathError when it holds none."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    try:
-        tok = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    except (OSError, ValueError) as err:
-        raise ModelPathError(f"{model_path}: cannot load an HF model + tokenizer from it ({err}); "
-                             f"give a directory with config.json, weights and tokenizer files") from None
-    return model.eval(), tok
+def load_model(model_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(model in eval mode, tokenizer) from an HF directory or URL (opd_tasks.models: safetensors
+    only); ModelPathError when it holds none."""
+    from opd_tasks.models import load_causal_lm, load_tokenizer
+    return (load_causal_lm(model_path, dtype, trust_remote_code=trust_remote_code),
+            load_tokenizer(model_path, trust_remote_code))
 
 
 @torch.no_grad()
@@ -89,7 +85,7 @@ def accuracy_by_domain(rows: Sequence[dict], responses: Sequence[str]) -> dict[s
 
 
 def greedy_accuracy(model_path: str, rows: Any, max_new_tokens: int = 32, token_budget: int = 16384,
-                    num_threads: int | None = None) -> dict[str, float]:
+                    num_threads: int | None = None, trust_remote_code: bool = False) -> dict[str, float]:
     """{domain: accuracy in [0, 1]} of greedy decoding of the model at `model_path` on `rows`.
     num_threads: torch threads for this call only (the previous setting is restored)."""
     rows = _as_rows(rows)
@@ -97,7 +93,7 @@ def greedy_accuracy(model_path: str, rows: Any, max_new_tokens: int = 32, token_
     if num_threads:
         torch.set_num_threads(num_threads)
     try:
-        model, tok = load_model(model_path)
+        model, tok = load_model(model_path, trust_remote_code=trust_remote_code)
         responses = greedy_generate(model, tok, [r["prompt"] for r in rows], max_new_tokens, token_budget)
     finally:
         torch.set_num_threads(before)

@@ -265,9 +265,9 @@ def _decoder(tokenizer_path: str | None) -> tuple[Callable[[list[int]], str | No
     if not tokenizer_path:
         return (lambda ids: None), "no tokenizer_path in the shard provenance: showing token ids"
     try:
-        from transformers import AutoTokenizer
+        from opd_tasks.models import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(tokenizer_path)
+        tok = load_tokenizer(tokenizer_path)
     except Exception as err:  # noqa: BLE001 - any failure to load means: show ids
         return (lambda ids: None), f"tokenizer {tokenizer_path!r} unavailable ({type(err).__name__}): showing ids"
     return (lambda ids: tok.decode(ids, skip_special_tokens=False)), f"decoded with {tokenizer_path}"

@@ -99,7 +99,7 @@ def run_rollout(ctx: RunContext, iteration: int, generator: Generator | None = N
     prompts = iteration_prompts(read_prompts(cfg.data.train, need=need), iteration, cfg.seed,
                                 cfg.rollout.prompts_per_iteration)
     tokenizer = load_tokenizer(student, cfg.student.trust_remote_code, role="student")
-    limit = max_context(student) - cfg.rollout.max_new_tokens
+    limit = max_context(student, cfg.student.trust_remote_code) - cfg.rollout.max_new_tokens
     # all of the iteration's prompts before any part: a part committed before a bad prompt stopped
     # the stage would be kept on resume, even after a fix of the dataset that reshuffles the prompts
     ids = tokenize_prompts(tokenizer, prompts.column("prompt").to_pylist(), limit, cfg.data.train,
@@ -219,7 +219,7 @@ def generate_offline(cfg, fs, stage: str, *, model: str, prompts: int, group_siz
     per_part = max(1, r.rows_per_part // group_size)
     parts = []  # (teacher, rows, ids) per part, in a fixed order
     for teacher, rows in plan:
-        limit = max_context(teacher.path) - max_new
+        limit = max_context(teacher.path, teacher.trust_remote_code) - max_new
         ids = tokenize_prompts(tokenizer, rows.column("prompt").to_pylist(), limit, cfg.data.train,
                                rows.column("prompt_id").to_pylist())
         for a in range(0, rows.num_rows, per_part):

@@ -10,7 +10,6 @@ part. Teachers are loaded once per process and kept across iterations (they do n
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Mapping
 
@@ -22,7 +21,8 @@ from opd_tasks.combine import CombinationError, check_domains, combine
 from opd_tasks.config import ModelConfig, RunConfig
 from opd_tasks.context import RunContext
 from opd_tasks.engines.base import Scorer
-from opd_tasks.errors import ModelPathError, OpdError, ShardError
+from opd_tasks.errors import OpdError, ShardError
+from opd_tasks.models import local_model_dir
 from opd_tasks.stages import StageResult
 from opd_tasks.tokenizers import check_same_tokenizer
 from storage.faults import fault_point
@@ -173,9 +173,7 @@ def teacher_provenance(cfg: RunConfig) -> list[dict]:
 
 
 def _present(path: str, role: str) -> str:
-    if not os.path.isdir(path):
-        raise ModelPathError(f"{role} path {path!r} does not exist; check the config's model paths "
-                             f"(teachers[].path, reference.path)")
+    local_model_dir(path, role, need_config=False)  # a URL: copied into the node's model cache
     return path
 
 

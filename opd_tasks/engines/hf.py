@@ -31,6 +31,7 @@ from opd_tasks.engines import EngineInputError
 from opd_tasks.engines.base import Sample, SamplingParams
 from opd_tasks.errors import ModelPathError
 from opd_tasks.logprobs import gather_response, token_logp
+from opd_tasks.models import load_causal_lm, load_safetensors, load_tokenizer, local_model_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # float32 logits of at most this many bytes at once (the [N, V] head output is chunked by rows)
@@ -76,15 +77,15 @@ class _HFEngine:
             raise EngineInputError(f"hf engine: token_budget must be > 0, got {token_budget}")
         self.model_path, self.device, self.token_budget = str(model_path), torch.device(device), token_budget
         self.progress = sys.stderr.isatty() if progress is None else progress
-        self.model = load_causal_lm(model_path, dtype, device, trust_remote_code)
+        local = local_model_dir(model_path)  # a URL: the node's cached copy
+        self.model = load_causal_lm(local, dtype, device, trust_remote_code)
         cfg = self.model.config
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         gcfg = getattr(self.model, "generation_config", None)
         eos = _first_set(getattr(gcfg, "eos_token_id", None), getattr(cfg, "eos_token_id", None))
-        if eos is None and any((Path(model_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            from opd_tasks.models import load_tokenizer
-            eos = load_tokenizer(model_path, trust_remote_code).eos_token_id
+        if eos is None and any((Path(local) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            eos = load_tokenizer(local, trust_remote_code).eos_token_id
         self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or ()))
         pad = _first_set(getattr(gcfg, "pad_token_id", None), getattr(cfg, "pad_token_id", None),
                          self.eos_ids[0] if self.eos_ids else 0)
@@ -93,16 +94,8 @@ class _HFEngine:
         self.last_stats: dict = {}
 
     def load_weights(self, path: str) -> None:
-        """Copy the weights of an HF export directory (*.safetensors) into the model in place."""
-        from safetensors.torch import load_file
-
-        files = sorted(Path(path).glob("*.safetensors"))
-        if not files:
-            raise ModelPathError(f"{path}: no *.safetensors files to load weights from (expected an HF export "
-                                 f"directory written by save_pretrained)")
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(str(f), device=str(self.device)))
+        """Copy the weights of an HF export directory or URL (*.safetensors) into the model in place."""
+        state = load_safetensors(path, device=str(self.device))
         with torch.no_grad():
             missing, unexpected = self.model.load_state_dict(state, strict=False)
         params = dict(self.model.named_parameters(remove_duplicate=False))
@@ -312,22 +305,6 @@ class HFGenerator(_HFEngine):
         tokens, logp, length, done = tokens.cpu().numpy(), logp.cpu().numpy(), length.tolist(), done.tolist()
         return [Sample(response_ids=tokens[b, : length[b]].tolist(), behaviour_logp=logp[b, : length[b]].copy(),
                        finish_reason="stop" if done[b] else "length") for b in range(B)]
-
-
-def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
-    """AutoModelForCausalLM from a local HF directory (safetensors only), eval mode, no grads."""
-    from transformers import AutoModelForCausalLM
-
-    if not (Path(path) / "config.json").is_file():
-        raise ModelPathError(f"{path}: not an HF model directory (no config.json); give a local directory "
-                             f"written by save_pretrained")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ModelPathError(f"{path}: cannot load the model ({err}); it needs config.json and "
-                             f"*.safetensors weights") from None
-    return model.to(device).eval().requires_grad_(False)
 
 
 def _head_is_plain(model) -> bool:

@@ -75,7 +75,8 @@ def shard_model(model: torch.nn.Module, mesh: DeviceMesh, mixed_precision: str =
     optimizer keeps float32 master weights (this goes through fully_shard at any world size).
     """
     if mesh.size() == 1 and mixed_precision == "none" and not force:
-        return model.to(mesh.device_type)
+        # empty (meta) parameters stay empty: models.load_for_training fills them on the device
+        return model if any(p.is_meta for p in model.parameters()) else model.to(mesh.device_type)
     mp = MixedPrecisionPolicy()
     if mixed_precision == "bf16":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

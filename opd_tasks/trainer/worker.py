@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import posixpath
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
@@ -22,6 +22,7 @@ import yaml
 
 from opd_tasks.config import ConfigError, RunConfig, parse_config
 from opd_tasks.losses import LossParams, annealed_w_kd
+from opd_tasks.models import load_for_training, local_model_dir
 from opd_tasks.trainer import TrainError
 from opd_tasks.trainer import checkpoint as ckpt
 from opd_tasks.trainer.batching import rows_from_table
@@ -82,22 +83,19 @@ def rank_seed(seed: int, iteration: int, rank: int) -> int:
     return int.from_bytes(hashlib.sha256(f"opd-rng/{seed}/{iteration}/{rank}".encode()).digest()[:8], "little") >> 1
 
 
-@contextmanager
-def local_dir(url: str):
-    """A local directory with the contents of `url` (the path itself when local; else a temp copy)."""
-    fs, path = filesystem(url)
-    if is_local(fs):
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="opd-init-") as tmp:
-        retried(fs, path, "downloading it", lambda: fs.get(path + "/", tmp + "/", recursive=True))
-        yield tmp
+def resolve_init(url: str, out_checkpoint: str | None = None) -> tuple[str, str | None]:
+    """(HF dir URL, DCP dir URL or None) of an init checkpoint (dcp/ + hf/) or an HF model dir.
 
-
-def resolve_init(url: str) -> tuple[str, str | None]:
-    """(HF dir URL, DCP dir URL or None) of an init checkpoint (dcp/ + hf/) or an HF model dir."""
+    DCP train state is read only from the run's own checkpoints (the directory that holds
+    out_checkpoint, when given): DCP's dcp/.metadata is a pickle (torch's checkpoint Metadata
+    object, read with pickle.load), and unpickling a file runs whatever code it names. Weights
+    from anywhere else come in through their HF directory (safetensors)."""
     fs, path = filesystem(url)
     if exists(fs, posixpath.join(path, MANIFEST_NAME)):
+        if out_checkpoint is not None and _parent(url) != _parent(out_checkpoint):
+            raise TrainError(f"{url}: DCP train state is loaded only from this run's own checkpoints "
+                             f"({_parent(out_checkpoint)[1]}): its dcp/.metadata is a pickle, and unpickling "
+                             f"runs code; start from the checkpoint's HF export instead ({url}/hf)")
         return _url(fs, posixpath.join(path, "hf")), _url(fs, posixpath.join(path, "dcp"))
     if exists(fs, posixpath.join(path, "dcp")):
         raise TrainError(f"{url}: checkpoint has no {MANIFEST_NAME}: the train stage that wrote it did not "
@@ -113,6 +111,14 @@ def _url(fs, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
+def _parent(url: str) -> tuple[str, str]:
+    """(protocol, URL of the directory that holds `url`); local paths resolved (symlinks, ..)."""
+    fs, path = filesystem(url)
+    if is_local(fs):
+        return "file", os.path.dirname(os.path.realpath(path))
+    return str(fs.protocol), _url(fs, posixpath.dirname(path.rstrip("/")))
+
+
 def load_rows(scored_dir: str, cfg: RunConfig, iteration: int = 0):
     from storage.shards import read_stage  # noqa: PLC0415 - storage.shards pulls pyarrow.dataset
     fs, path = filesystem(scored_dir)
@@ -126,11 +132,10 @@ def load_rows(scored_dir: str, cfg: RunConfig, iteration: int = 0):
 
 
 def build_model(hf_url: str, cfg: RunConfig, mesh):
-    from transformers import AutoModelForCausalLM
-    with local_dir(hf_url) as d:
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
-                                                     trust_remote_code=cfg.student.trust_remote_code)
-    return shard_model(model, mesh, cfg.train.mixed_precision)
+    """The student, float32, sharded over `mesh`, loaded lean: each rank materializes only its own
+    shard from the safetensors files (a URL: from the node's cached copy)."""
+    return load_for_training(hf_url, "float32", prepare=lambda m: shard_model(m, mesh, cfg.train.mixed_precision),
+                             device=mesh.device_type, trust_remote_code=cfg.student.trust_remote_code, role="student")
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -185,7 +190,7 @@ def run(args: TrainArgs) -> dict:
     """Train one iteration on this rank; rank 0 returns (and writes) the metrics."""
     cfg = read_config(args.config)
     params = loss_params(cfg, args.iteration)
-    hf_url, dcp_url = resolve_init(args.init_checkpoint)
+    hf_url, dcp_url = resolve_init(args.init_checkpoint, args.out_checkpoint)
     rows = load_rows(args.scored_dir, cfg, args.iteration)
     d = init_distributed(cfg.train.device)
     try:
@@ -252,9 +257,8 @@ def save_checkpoint(model, optimizer, args: TrainArgs, cfg: RunConfig, hf_url: s
     hf = posixpath.join(out.path, "hf")
     put = None if is_local(out.fs) else \
         (lambda tmp: retried(out.fs, hf, "uploading the HF export", lambda: out.fs.put(tmp + "/", hf + "/", recursive=True)))
-    with local_dir(hf_url) as tok_dir:
-        ckpt.export_hf(model, model.config, hf, tok_dir, DTYPES[cfg.student.dtype], put=put,
-                       trust_remote_code=cfg.student.trust_remote_code)
+    ckpt.export_hf(model, model.config, hf, local_model_dir(hf_url, "student"), DTYPES[cfg.student.dtype], put=put,
+                   trust_remote_code=cfg.student.trust_remote_code)
     if rank == 0:
         commit_checkpoint(out, args.iteration, config_hash=cfg.config_hash(),
                           inputs={"scored": args.scored_dir, "init": args.init_checkpoint}, extra={"step": step})

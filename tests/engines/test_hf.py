@@ -218,7 +218,7 @@ def test_bad_inputs_are_named(scorer, generator, tmp_path):
         generator.generate([[1] * 120], n=1, sampling=SamplingParams(max_new_tokens=16))
     with pytest.raises(EngineInputError, match="prompt 0 is empty"):
         generator.generate([[]], n=1, sampling=SamplingParams())
-    with pytest.raises(ModelPathError, match="no config.json"):
+    with pytest.raises(ModelPathError, match="nowhere' does not exist"):
         HFScorer(tmp_path / "nowhere")
     with pytest.raises(ModelPathError, match="no \\*.safetensors"):
         scorer.load_weights(str(tmp_path))
