@@ -25,7 +25,8 @@ from opd_tasks.losses import LossParams, annealed_w_kd
 from opd_tasks.trainer import TrainError
 from opd_tasks.trainer import checkpoint as ckpt
 from opd_tasks.trainer.batching import rows_from_table
-from opd_tasks.trainer.distributed import close_distributed, init_distributed, shard_model
+from opd_tasks.trainer.distributed import (close_distributed, enable_activation_checkpointing, init_distributed,
+                                           shard_model)
 from opd_tasks.trainer.loop import LoopConfig, choose_old_logp, print_step, train_iteration
 from opd_tasks.trainer.schedule import Schedule
 from storage.checkpoints import commit_checkpoint
@@ -132,8 +133,8 @@ def build_model(hf_url: str, cfg: RunConfig, mesh):
     with local_dir(hf_url) as d:
         model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
                                                      trust_remote_code=cfg.student.trust_remote_code)
-    if cfg.train.activation_checkpointing:  # each block's activations are recomputed in backward
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
     return shard_model(model, mesh, cfg.train.mixed_precision)
 
 
