@@ -160,7 +160,7 @@ class TrainConfig(_Model):
     node_launcher: str | None = Field(
         None, description="nnodes > 1: shell command template that starts one node's torchrun agent; "
                           "{command} (the agent's command line), {node_rank}, {nnodes}, {rdzv_endpoint}, {cwd}; "
-                          "e.g. \"ssh node{node_rank} 'cd {cwd} && {command}'\" or \"srun -N1 -n1 -r {node_rank} {command}\"")
+                          "e.g. 'ssh node{node_rank} \"cd {cwd} && {command}\"' or \"srun -N1 -n1 -r {node_rank} {command}\"")
     old_logp: Literal["auto", "recompute", "behaviour"] = Field(
         "auto", description="pi_old for the PPO ratio: auto takes the rollout's behaviour log-probs when they "
                             "are the same quantity (the run's own float32 hf rollout of the start weights at "
@@ -171,7 +171,7 @@ class TrainConfig(_Model):
     def _nodes(self) -> "TrainConfig":
         if self.nnodes > 1 and (not self.rdzv_endpoint or not self.node_launcher):
             raise ValueError(f"train.nnodes={self.nnodes} needs train.rdzv_endpoint (host:port on the first node) "
-                             f"and train.node_launcher (e.g. \"ssh node{{node_rank}} 'cd {{cwd}} && {{command}}'\")")
+                             f"and train.node_launcher (e.g. 'ssh node{{node_rank}} \"cd {{cwd}} && {{command}}\"')")
         if self.node_launcher is not None:
             fields = {f for _, f, _, _ in string.Formatter().parse(self.node_launcher) if f is not None}
             if "command" not in fields or not fields <= set(NODE_LAUNCHER_FIELDS):

@@ -9,8 +9,9 @@ Prefect-free (the Prefect task in task.py is a thin wrapper). Single node: `torc
 Several nodes (`nnodes` > 1): one torchrun agent per node, all joining a c10d rendezvous at
 `rdzv_endpoint` (host:port); opd starts each node's agent with `node_launcher`, a shell command
 template ({command} = the agent's command line, {node_rank}, {nnodes}, {rdzv_endpoint}, {cwd}):
-"ssh node{node_rank} 'cd {cwd} && {command}'", "srun -N1 -n1 -r {node_rank} {command}", or plain
-"{command}" (all agents on this machine, as in the tests). A node whose launcher fails stops the
+'ssh node{node_rank} "cd {cwd} && {command}"' (double quotes: {command} quotes with single
+ones), "srun -N1 -n1 -r {node_rank} {command}", or plain "{command}" (all agents on this
+machine, as in the tests). A node whose launcher fails stops the
 others at once; a rendezvous that does not complete within `rdzv_timeout_s` names the nodes that
 never joined.
 """
@@ -193,7 +194,7 @@ def launch_training(*, config: str, scored_dir: str, init_checkpoint: str, out_c
     else:
         if not node_launcher:
             raise TrainError(f"train.nnodes={nnodes} needs train.node_launcher, the command that starts a node's "
-                             f"agent (e.g. \"ssh node{{node_rank}} 'cd {{cwd}} && {{command}}'\")")
+                             f"agent (e.g. 'ssh node{{node_rank}} \"cd {{cwd}} && {{command}}\"')")
         agent = torchrun_command(args, nproc_per_node, nnodes, rdzv_endpoint, rdzv_id=f"opd-train-{iteration}",
                                  rdzv_timeout_s=rdzv_timeout_s)
         run_nodes(node_commands(agent, nnodes, node_launcher, rdzv_endpoint, env), env=env, on_line=on_line,

@@ -32,9 +32,10 @@ def _launch(a, lines=None, **kw):
 
 def test_node_commands_fill_the_template_and_carry_the_env():
     cmds = node_commands(["python", "-m", "torch.distributed.run", "--nnodes", "2"], 2,
-                         "ssh node{node_rank} 'cd {cwd} && {command}'", "head:29400", env={"A": "1 2"})
-    assert cmds[1].startswith("ssh node1 'cd ") and "env 'A=1 2' python -m torch.distributed.run" in cmds[1]
-    assert shlex.split(cmds[0])[1] == "node0"
+                         'ssh node{node_rank} "cd {cwd} && {command}"', "head:29400", env={"A": "1 2"})
+    assert cmds[1].startswith('ssh node1 "cd ') and "env 'A=1 2' python -m torch.distributed.run" in cmds[1]
+    ssh, host, remote = shlex.split(cmds[0])  # what the local shell passes to ssh
+    assert (ssh, host) == ("ssh", "node0") and "A=1 2" in shlex.split(remote)  # and the remote shell gets back
     for bad, why in [({"nnodes": 2}, "rdzv_endpoint"), ({"node_launcher": "ssh {host}"}, "must contain {command}")]:
         with pytest.raises(ValueError, match=why):
             TrainConfig(**bad)
