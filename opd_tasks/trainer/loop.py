@@ -34,7 +34,7 @@ class LoopConfig:
     seed: int = 0
     iteration: int = 0
     old_logp: str = "recompute"  # or "behaviour": old_t = behaviour_logp (see choose_old_logp)
-    logp_chunk_tokens: int = 0  # response tokens per chunk of the output layer (0: full logits; runs: train.*)
+    logp_chunk_tokens: int = 1024  # response tokens per chunk of the output layer (0: full logits)
     schedule: Schedule | None = None  # lr per optimizer step (None: leave the optimizer's lr)
     no_sync: bool = False  # FSDP2: reduce gradients once per mini-batch, not per micro-batch
 
