@@ -51,20 +51,32 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
-# Config attributes of models whose logits are not just lm_head(hidden) (Gemma-2 softcapping, Cohere's
-# scale, ...): these take the full-logits path.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+def lean_head(model: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Linear | None:
+    """The output layer when the logits are exactly output_layer(final hidden state), else None.
 
-
-def lean_head(model: torch.nn.Module) -> torch.nn.Linear | None:
-    """The output layer when the logits are exactly output_layer(final hidden state), else None."""
+    Checked once per model on a few tokens (the result is kept on the model), as the hf scorer
+    does: the chunked path against the full logits, so a model with extra logit processing
+    (Gemma-2 softcapping, logit scaling) takes the full path. Collective under FSDP2 (every rank
+    makes its first response_logp call at the same point).
+    """
+    ok = getattr(model, "_opd_lean_head", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear):
         return None
-    text = model.config.get_text_config()
-    if any(getattr(text, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
-        return None
-    return head
+    if ok is None:
+        n = min(8, head.out_features)
+        ids = torch.arange(n).unsqueeze(0)
+        mb = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "start": torch.tensor([1]),
+              "response_len": torch.tensor([n - 1])}
+        device = device if device is not None else head.weight.device
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            full, mine = _logp(model, None, mb, device, 0), _logp(model, head, mb, device, 4)
+        model.train(was)
+        ok = full.shape == mine.shape and bool(torch.allclose(full, mine, rtol=1e-3, atol=1e-4))
+        model._opd_lean_head = ok
+    return head if ok else None
 
 
 def response_logp(model: torch.nn.Module, mb: dict, device: torch.device, chunk_tokens: int = 1024) -> torch.Tensor:
@@ -75,10 +87,15 @@ def response_logp(model: torch.nn.Module, mb: dict, device: torch.device, chunk_
     forward or backward); it runs inside the model's forward (its forward is swapped for the call),
     so FSDP2 gathers and reduces its weight as usual. 0: full logits, then token_logp.
     """
+    head = lean_head(model, device) if chunk_tokens > 0 else None
+    return _logp(model, head, mb, device, chunk_tokens)
+
+
+def _logp(model: torch.nn.Module, head: torch.nn.Linear | None, mb: dict, device: torch.device,
+          chunk_tokens: int) -> torch.Tensor:
     ids = mb["input_ids"].to(device)
     att = mb["attention_mask"].to(device)
     start, rlen = mb["start"].to(device), mb["response_len"].to(device)
-    head = lean_head(model) if chunk_tokens > 0 else None
     if head is None:
         logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
         return gather_response(token_logp(logits, ids), start, rlen)[0]

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 from train_helpers import build_tiny_model, scored_table
 from train_helpers import one_torch_thread  # noqa: F401 - autouse fixture: one torch thread per test
 
+from opd_tasks.logprobs import gather_response, token_logp
 from opd_tasks.trainer.batching import collate, rows_from_table
 from opd_tasks.trainer.distributed import (close_distributed, enable_activation_checkpointing, init_distributed,
                                            shard_model)
@@ -55,6 +56,7 @@ def test_activation_checkpointing_keeps_values_and_gradients(tmp_path, tiny_mode
             if ac:
                 enable_activation_checkpointing(model)
             model = shard_model(model, d.mesh, force=True).train()
+            assert lean_head(model) is not None  # its one-time check runs before the count
             n = [0]
             model.model.layers[0].self_attn.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
             out.append(_grads(model, mb, 4))
@@ -70,5 +72,19 @@ def test_activation_checkpointing_keeps_values_and_gradients(tmp_path, tiny_mode
 def test_models_with_transformed_logits_take_the_full_path(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert lean_head(model) is model.lm_head
-    model.config.final_logit_softcapping = 30.0  # Gemma-2 style: logits are not lm_head(hidden)
-    assert lean_head(model) is None
+    soft = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    forward = soft.forward
+
+    def softcapped(*args, **kwargs):  # Gemma-2 style: the logits are not lm_head(hidden)
+        out = forward(*args, **kwargs)
+        out["logits"] = torch.tanh(out.logits / 3.0) * 3.0
+        return out
+
+    soft.forward = softcapped
+    assert lean_head(soft) is None
+    rows = rows_from_table(scored_table(n_prompts=2, group=2, seed=9), "t")
+    mb = collate(rows, list(range(len(rows))))
+    with torch.no_grad():  # the full path with the model's own logits, not the chunked head's
+        want = gather_response(token_logp(soft(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits,
+                                          mb["input_ids"]), mb["start"], mb["response_len"])[0]
+        torch.testing.assert_close(response_logp(soft, mb, torch.device("cpu"), 4), want, rtol=0, atol=0)
