@@ -2,7 +2,7 @@
 
 A checkpoint directory (storage.checkpoints gives the names and commits the manifest):
     dcp/             DCP: model + optimizer state (sharded, one file per rank) and "train": a JSON
-                     string of step, iteration and every rank's RNG state
+                     string of step, iteration, every rank's RNG state and the lr schedule
     hf/              config.json, model.safetensors, tokenizer files: from_pretrained and vLLM load it
     _MANIFEST.json   written last: only then does the checkpoint count
 

@@ -62,6 +62,17 @@ def close_distributed(d: Dist) -> None:
         dist.destroy_process_group()
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
+    """Recompute each transformer block's activations in backward (non-reentrant torch checkpoint,
+    through transformers; before shard_model: FSDP2's hooks stay outside the recompute)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
 def shard_model(model: torch.nn.Module, mesh: DeviceMesh, mixed_precision: str = "none",
                 force: bool = False) -> torch.nn.Module:
     """fully_shard each transformer block (the model's `_no_split_modules` classes), then the root.

@@ -19,7 +19,7 @@ import time
 from opd_tasks.context import RunContext
 from opd_tasks.stages import StageResult
 from opd_tasks.trainer import TrainError
-from opd_tasks.trainer.launch import launch_training
+from opd_tasks.trainer.launch import launch_options, launch_training
 from storage.checkpoints import checkpoint_status, warm_start_dir
 from storage.manifest import read_manifest
 
@@ -101,8 +101,7 @@ def run_training(ctx: RunContext, iteration: int, on_line=None, env: dict | None
                              f"use launcher: torchrun (or auto)")
         metrics = _train_inprocess(train_paths(ctx, iteration), iteration)
     else:
-        metrics = launch_training(**train_paths(ctx, iteration), iteration=iteration,
-                                  nproc_per_node=tc.nproc_per_node, nnodes=tc.nnodes,
+        metrics = launch_training(**train_paths(ctx, iteration), iteration=iteration, **launch_options(tc),
                                   env=env, on_line=on_line or _log_sink())
     last = metrics["steps"][-1] if metrics["steps"] else {}
     summary = {k: last[k] for k in SUMMARY_KEYS if k in last}

@@ -26,8 +26,10 @@ from opd_tasks.models import load_for_training, local_model_dir
 from opd_tasks.trainer import TrainError
 from opd_tasks.trainer import checkpoint as ckpt
 from opd_tasks.trainer.batching import rows_from_table
-from opd_tasks.trainer.distributed import close_distributed, init_distributed, shard_model
+from opd_tasks.trainer.distributed import (close_distributed, enable_activation_checkpointing, init_distributed,
+                                           shard_model)
 from opd_tasks.trainer.loop import LoopConfig, choose_old_logp, print_step, train_iteration
+from opd_tasks.trainer.schedule import Schedule
 from storage.checkpoints import commit_checkpoint
 from storage.errors import StorageError
 from storage.fs import exists, filesystem, is_local, read_bytes, retried, storage_failure
@@ -67,16 +69,18 @@ def loss_params(cfg: RunConfig, iteration: int) -> LossParams:
     lc = cfg.loss
     return LossParams(kind=lc.kind, lam=lc.lam, discount=lc.discount, clip_eps_low=lc.clip_eps_low,
                       clip_eps_high=lc.clip_eps_high, tis_cap=lc.tis_cap, aggregation=lc.aggregation,
-                      w_rl=lc.w_rl, w_kd=annealed_w_kd(lc.w_kd, lc.w_kd_end, iteration, cfg.iterations),
+                      w_rl=lc.w_rl, w_kd=annealed_w_kd(lc.w_kd, lc.w_kd_end, iteration, lc.w_kd_anneal_iterations or 1),
                       kd_estimator=lc.kd_estimator, kd_only_incorrect=lc.kd_only_incorrect)
 
 
 def offline_phase(loop: LoopConfig, optimizer: torch.optim.Optimizer, cfg: RunConfig) -> LoopConfig:
-    """The offline phase's epochs, optimizer steps per epoch and learning rate (offline.lr, default train.lr)."""
+    """The offline phase's epochs, optimizer steps per epoch and learning rate (offline.lr, default
+    train.lr; constant: train.lr_schedule is the on-policy iterations')."""
     lr = cfg.offline.lr if cfg.offline.lr is not None else cfg.train.lr
     for g in optimizer.param_groups:
         g["lr"] = lr
-    return replace(loop, epochs=cfg.offline.epochs, mini_batches=cfg.offline.mini_batches)
+    return replace(loop, epochs=cfg.offline.epochs, mini_batches=cfg.offline.mini_batches,
+                   schedule=Schedule(kind="constant", lr=lr))
 
 
 def rank_seed(seed: int, iteration: int, rank: int) -> int:
@@ -133,9 +137,14 @@ def load_rows(scored_dir: str, cfg: RunConfig, iteration: int = 0):
 
 def build_model(hf_url: str, cfg: RunConfig, mesh):
     """The student, float32, sharded over `mesh`, loaded lean: each rank materializes only its own
-    shard from the safetensors files (a URL: from the node's cached copy)."""
-    return load_for_training(hf_url, "float32", prepare=lambda m: shard_model(m, mesh, cfg.train.mixed_precision),
-                             device=mesh.device_type, trust_remote_code=cfg.student.trust_remote_code, role="student")
+    shard from the safetensors files (a URL: from the node's cached copy). Activation checkpointing
+    (train.activation_checkpointing) is set before fully_shard."""
+    def prepare(model):
+        if cfg.train.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        return shard_model(model, mesh, cfg.train.mixed_precision)
+    return load_for_training(hf_url, "float32", prepare=prepare, device=mesh.device_type,
+                             trust_remote_code=cfg.student.trust_remote_code, role="student")
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -205,23 +214,26 @@ def run(args: TrainArgs) -> dict:
             raise TrainError(f"{args.scored_dir}: token id {top} in prompt_ids/response_ids is outside the "
                              f"student's vocabulary ({vocab}); the rollout used another tokenizer")
         optimizer = make_optimizer(model, cfg)
-        step = 0
+        step, schedule = 0, Schedule.from_config(cfg)
         if dcp_url is not None:
             with storage_errors(dcp_url, "loading the train state"):
                 state = ckpt.load_state(model, optimizer, dcp_url)
             _apply_hparams(optimizer, cfg)
             ckpt.set_rng_state(state["rng"])
             step = int(state["step"])
+            if "schedule" in state:  # the run's schedule as it began (a resume may have raised `iterations`)
+                schedule = Schedule.from_state(state["schedule"])
         old_src, old_why = choose_old_logp(cfg.train.old_logp, cfg, rows.provenance, hf_url,
                                            "behaviour_logp" in rows.token, args.iteration)
         loop = LoopConfig(epochs=cfg.train.epochs, mini_batches=cfg.train.mini_batches,
                           micro_batch_tokens=cfg.train.micro_batch_tokens, grad_clip=cfg.train.grad_clip,
-                          seed=cfg.seed, iteration=args.iteration, old_logp=old_src)
+                          seed=cfg.seed, iteration=args.iteration, old_logp=old_src, schedule=schedule,
+                          logp_chunk_tokens=cfg.train.logp_chunk_tokens, no_sync=cfg.train.no_sync_accumulation)
         if args.iteration == OFFLINE_ITERATION:  # the offline phase: its own epochs, steps and lr
             loop = offline_phase(loop, optimizer, cfg)
         result = train_iteration(model, optimizer, rows, params, loop, d.device, step=step, on_step=print_step)
         with storage_errors(args.out_checkpoint, "saving the checkpoint"):
-            save_checkpoint(model, optimizer, args, cfg, hf_url, result["step"])
+            save_checkpoint(model, optimizer, args, cfg, hf_url, result["step"], schedule)
         metrics = {"iteration": args.iteration, "w_kd": params.w_kd, "loss_kind": params.kind,
                    "checkpoint": args.out_checkpoint, "old_logp_reason": old_why, **result}
         if d.rank == 0:
@@ -243,8 +255,9 @@ class _Dir:
         return self.path
 
 
-def save_checkpoint(model, optimizer, args: TrainArgs, cfg: RunConfig, hf_url: str, step: int) -> None:
-    """Collective: DCP state (+ step, RNG) and HF export, then (rank 0) the checkpoint manifest."""
+def save_checkpoint(model, optimizer, args: TrainArgs, cfg: RunConfig, hf_url: str, step: int,
+                    schedule: Schedule) -> None:
+    """Collective: DCP state (+ step, RNG, lr schedule) and HF export, then (rank 0) the checkpoint manifest."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = _Dir(args.out_checkpoint)
     if rank == 0:
@@ -253,6 +266,8 @@ def save_checkpoint(model, optimizer, args: TrainArgs, cfg: RunConfig, hf_url: s
         dist.barrier()
     rng = ckpt.rng_states()
     train = {"step": step, "iteration": args.iteration, "world_size": len(rng), "rng": rng}
+    if args.iteration != OFFLINE_ITERATION:  # the offline phase's optimizer state is never resumed
+        train["schedule"] = schedule.to_state()
     ckpt.save_state(model, optimizer, _url(out.fs, posixpath.join(out.path, "dcp")), train)
     hf = posixpath.join(out.path, "hf")
     put = None if is_local(out.fs) else \
