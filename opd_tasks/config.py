@@ -30,7 +30,7 @@ MUTABLE_FIELDS = ("iterations", "run_dir", "eval.every")
 
 # dotted field -> default left out of the hash
 ADDED_LATER = {"offline": None, "train.old_logp": "auto", "train.adam_eps": 1e-8, "scoring.teachers": "auto",
-               "teachers[].reference": None}
+               "teachers[].reference": None, "data.chat_template": False, "data.verifiers": {}}
 
 
 class ConfigError(OpdError, ValueError):
@@ -143,8 +143,13 @@ class EvalConfig(_Model):
 
 
 class DataConfig(_Model):
-    train: str = Field(description="prompts: Parquet/JSONL with columns prompt, answer, domain")
+    train: str = Field(description="prompts: Parquet/JSONL with columns prompt (text) or messages (chat), answer, domain")
     eval: str | None = Field(None, description="eval prompts, same columns")
+    chat_template: bool = Field(False, description="wrap each plain-text prompt as one user message in the student "
+                                                   "tokenizer's chat template (a `messages` column always uses it)")
+    verifiers: dict[str, str] = Field(default_factory=dict, description="domain -> verifier name (exact, math, ...) "
+                                      "where it is not the domain's own; none: the domain has no verifier "
+                                      "(evaluation skips it; kdrl refuses it)")
 
 
 class OfflineGenerateConfig(_Model):
