@@ -66,22 +66,23 @@ def encode_prompts(tokenizer, rows: Any, chat_template: bool, source: str, limit
         for i, x in enumerate(out):
             if len(x) > limit:
                 pid = rows[i].get("prompt_id", f"row {i}")
-                raise DataError(f"{source}: prompt {pid!r} has {len(x)} tokens, more than the {limit} left for the "
-                                f"prompt ({limit_why}); shorten or drop it, or lower the max_new_tokens named")
+                raise DataError(f"{source}: prompt {pid!r} has {len(x)} tokens, but the model's context leaves "
+                                f"{limit} for the prompt after max_new_tokens; shorten the prompt, lower that "
+                                f"max_new_tokens, or drop it from the dataset (the limit: {limit_why})")
     return out
 
 
 def engine_context(model_path: str, engine_cfg) -> tuple[int | None, str]:
     """(context length, where it comes from) of `model_path` on the engine of `engine_cfg` (a
     RolloutConfig or ScoringConfig): vLLM's max_model_len when its `vllm` options set one, else the
-    model's max_position_embeddings; (None, ...) for a remote engine whose model is not local."""
+    model's max_position_embeddings; (None, "") when the model is not a local directory."""
     from opd_tasks.models import max_context
     section = "rollout" if hasattr(engine_cfg, "group_size") else "scoring"
     vllm_len = (engine_cfg.vllm or {}).get("max_model_len") if engine_cfg.engine == "vllm" else None
     if vllm_len:
         return int(vllm_len), f"{section}.vllm.max_model_len={int(vllm_len)}"
-    if engine_cfg.engine == "remote" and not os.path.isfile(os.path.join(str(model_path), "config.json")):
-        return None, ""
+    if not os.path.isfile(os.path.join(str(model_path), "config.json")):
+        return None, ""  # a remote model, or a missing one (its stage names it when it loads it)
     n = max_context(str(model_path))
     return n, f"max_position_embeddings={n} of {model_path}"
 

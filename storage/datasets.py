@@ -41,8 +41,8 @@ def read_prompts(path: str, storage_options: dict | None = None, need: tuple[str
     """
     table = read_table(path, storage_options)
     if "prompt" not in table.column_names and "messages" not in table.column_names:
-        raise DataError(f"{path}: missing required column 'prompt' or 'messages' (found: {table.column_names}); "
-                        f"a prompt set needs a text column named prompt or a chat column named messages")
+        raise DataError(f"{path}: missing required column 'prompt' (found: {table.column_names}); a prompt set "
+                        f"needs a text column named prompt (or a chat column named messages)")
     if table.num_rows == 0:
         raise DataError(f"{path}: the prompt set is empty; give a file with at least one row (config "
                         f"data.train / data.eval)")
