@@ -106,3 +106,22 @@ def check_domains(domains: Iterable[str | None], overrides: Mapping[str, str] | 
             f"domain(s) {missing} have no verifier, and {why} needs their rewards; set data.verifiers "
             f"(e.g. {{{missing[0]}: math}}, one of {sorted(_REGISTRY)}), register one "
             f"(opd_tasks.verifiers.register_verifier), or drop those prompts")
+
+
+def check_run_verifiers(cfg) -> None:
+    """Before a run starts (cfg: a resolved RunConfig): every domain whose rewards the config needs
+    has a verifier: data.train's for loss.kind=kdrl and offline.filter.min_reward (generate), the
+    evaluated eval rows' (less the domains declared `none`) when eval.every > 0."""
+    from storage.datasets import read_prompts
+    needs = []
+    if cfg.loss.kind == "kdrl":
+        needs.append((cfg.data.train, "loss.kind=kdrl", None))
+    if cfg.offline is not None and cfg.offline.source == "generate" and cfg.offline.filter.min_reward is not None:
+        needs.append((cfg.data.train, "offline.filter.min_reward", None))
+    if cfg.eval.every > 0:
+        needs.append((cfg.data.eval or cfg.data.train, "evaluation", cfg.eval.max_prompts))
+    for path, why, first in needs:
+        domains = read_prompts(path).column("domain").to_pylist()
+        if why == "evaluation":
+            domains = [d for d in domains[:first] if d is None or cfg.data.verifiers.get(d) != NONE]
+        check_domains(domains, cfg.data.verifiers, why)

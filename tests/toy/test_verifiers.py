@@ -74,3 +74,23 @@ def test_register_verifier():
     with pytest.raises(TypeError):
         register_verifier("x", "not callable")
     assert normalize(" ab <eos> ") == "ab"
+
+
+def test_a_run_needing_rewards_of_an_unverified_domain_is_refused_before_it_starts(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from opd_tasks.config import parse_config
+    from opd_tasks.verifiers import check_run_verifiers
+    data = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "answer": ["1", "2", "3"], "domain": ["add", "code", "sql"]}),
+                   data)
+    base = {"student": {"path": "s"}, "teachers": [{"name": "t", "path": "t"}], "data": {"train": str(data)}}
+    with pytest.raises(NoVerifierError, match=r"\['code', 'sql'\] have no verifier, and evaluation needs"):
+        check_run_verifiers(parse_config(base))
+    check_run_verifiers(parse_config({**base, "eval": {"every": 0}}))                  # no rewards needed
+    check_run_verifiers(parse_config({**base, "eval": {"max_prompts": 1}}))             # only "add" is evaluated
+    verifiers = {"train": str(data), "verifiers": {"code": "none", "sql": "exact"}}
+    check_run_verifiers(parse_config({**base, "data": verifiers}))                       # eval leaves code out
+    with pytest.raises(NoVerifierError, match=r"\['code'\] have no verifier, and loss.kind=kdrl needs"):
+        check_run_verifiers(parse_config({**base, "data": verifiers, "loss": {"kind": "kdrl"}}))
