@@ -137,9 +137,10 @@ class TrainConfig(_Model):
 
 class EvalConfig(_Model):
     every: int = Field(1, ge=0, description="evaluate every k iterations (0: never)")
-    max_prompts: int | None = Field(None, gt=0)
-    max_new_tokens: int = Field(32, gt=0)
-    token_budget: int = Field(16384, gt=0)
+    max_prompts: int | None = Field(None, gt=0, description="evaluate the first N rows of the eval split (default all)")
+    max_new_tokens: int = Field(32, gt=0, description="greedy response budget (prompts may have the engine's "
+                                                      "context minus this)")
+    token_budget: int = Field(16384, gt=0, description="hf engine: prompt+response tokens per eval batch")
 
 
 class DataConfig(_Model):

@@ -57,11 +57,13 @@ def greedy_responses(gen: Generator, tokenizer, prompt_ids: Sequence[Sequence[in
     """Greedy response text of each prompt without its final EOS, in the order of `prompt_ids`.
     Other special tokens are kept: a stray <bos> inside an answer makes it wrong, not silently right."""
     samples = gen.generate(prompt_ids, 1, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
+    eos = {tokenizer.eos_token_id, *getattr(gen, "eos_ids", ())}
     out = []
     for (s,) in samples:
         ids = list(s.response_ids)
-        if s.finish_reason == "stop" and ids:
-            ids = ids[:-1]  # the EOS the engine stopped at
+        if s.finish_reason == "stop" and ids and ids[-1] in eos:
+            ids = ids[:-1]  # the EOS the engine stopped at (another stop token is left to the verifiers'
+            # normalize(), which strips end-of-sequence markers)
         out.append(tokenizer.decode(ids, skip_special_tokens=False))
     return out
 

@@ -49,7 +49,7 @@ def part_seed(seed: int, iteration: int, part: int) -> int:
 
 def sampling_params(ctx: RunContext, seed: int, max_new_tokens: int | None = None, greedy: bool = False) -> SamplingParams:
     r = ctx.cfg.rollout
-    return SamplingParams(temperature=1e-5 if greedy else r.temperature, top_p=r.top_p, top_k=r.top_k,
+    return SamplingParams(temperature=0.0 if greedy else r.temperature, top_p=r.top_p, top_k=r.top_k,
                           max_new_tokens=max_new_tokens or r.max_new_tokens, seed=seed)
 
 
