@@ -63,6 +63,7 @@ def tokenize_limit(cfg, generators: Sequence[tuple[str, object]], max_new_tokens
         uses += [(t.path, cfg.scoring) for t in cfg.teachers]
         if cfg.needs_reference:
             uses.append(((cfg.reference or cfg.student).path, cfg.scoring))
+            uses += [(t.reference.path, cfg.scoring) for t in cfg.teachers if t.reference is not None]
     return prompt_limit(uses, max_new_tokens, max_new_field)
 
 

@@ -79,7 +79,7 @@ def test_eval_skips_domains_declared_without_verifier_and_refuses_undeclared_one
             return [[Sample(response_ids=[p[-1]], behaviour_logp=None, finish_reason="length")] for p in prompt_ids]
 
     class Tok:
-        chat_template = None
+        chat_template, eos_token_id = None, 0
 
         def __call__(self, texts, add_special_tokens=True):
             return {"input_ids": [[ord(c) for c in t] for t in texts]}
