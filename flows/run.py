@@ -28,6 +28,7 @@ from opd_tasks.inspect_html import write_iteration_view
 from opd_tasks.summary import iteration_summary, record_iteration, recorded_iterations
 from storage.layout import RunLayout
 from storage.lock import acquire_lease
+from opd_tasks.verifiers import check_run_verifiers
 from storage.manifest import stage_status
 
 
@@ -77,6 +78,7 @@ def _run_locked(cfg: RunConfig, run_dir: str, iterations: int | None, lease) -> 
     updates = {"iterations": iterations} if iterations is not None else {}
     cfg = cfg.model_copy(update={**updates, "run_dir": run_dir})
     ctx = prepare_run(cfg, run_dir)
+    check_run_verifiers(ctx.cfg)  # a domain without a verifier fails now, not at the first evaluation
     # the warm start (iteration 0 starts from its checkpoint); its evaluation is its last stage
     if ctx.cfg.offline is not None and stage_status(ctx.layout.fs, ctx.layout.offline_dir("evaluation")) != "done":
         opd_offline(ctx.run_dir)

@@ -35,7 +35,8 @@ ADDED_LATER = {  # dotted field -> default left out of the hash
     "teachers[].reference": None, "loss.w_kd_anneal_iterations": None,
     "train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_end": 0.0, "train.no_sync_accumulation": False,
     "train.logp_chunk_tokens": 1024, "train.activation_checkpointing": False, "train.rdzv_endpoint": None,
-    "train.rdzv_timeout_s": 600.0, "train.node_launcher": None}
+    "train.rdzv_timeout_s": 600.0, "train.node_launcher": None, "data.chat_template": False,
+    "data.verifiers": {}}
 
 
 class ConfigError(OpdError, ValueError):
@@ -183,14 +184,20 @@ class TrainConfig(_Model):
 
 class EvalConfig(_Model):
     every: int = Field(1, ge=0, description="evaluate every k iterations (0: never)")
-    max_prompts: int | None = Field(None, gt=0)
-    max_new_tokens: int = Field(32, gt=0)
-    token_budget: int = Field(16384, gt=0)
+    max_prompts: int | None = Field(None, gt=0, description="evaluate the first N rows of the eval split (default all)")
+    max_new_tokens: int = Field(32, gt=0, description="greedy response budget (prompts may have the engine's "
+                                                      "context minus this)")
+    token_budget: int = Field(16384, gt=0, description="hf engine: prompt+response tokens per eval batch")
 
 
 class DataConfig(_Model):
-    train: str = Field(description="prompts: Parquet/JSONL with columns prompt, answer, domain")
+    train: str = Field(description="prompts: Parquet/JSONL with columns prompt (text) or messages (chat), answer, domain")
     eval: str | None = Field(None, description="eval prompts, same columns")
+    chat_template: bool = Field(False, description="wrap each plain-text prompt as one user message in the student "
+                                                   "tokenizer's chat template (a `messages` column always uses it)")
+    verifiers: dict[str, str] = Field(default_factory=dict, description="domain -> verifier name (exact, math, ...) "
+                                      "where it is not the domain's own; none: the domain has no verifier "
+                                      "(evaluation skips it; kdrl refuses it)")
 
 
 class OfflineGenerateConfig(_Model):

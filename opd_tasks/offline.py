@@ -38,7 +38,7 @@ from opd_tasks.errors import DataError, OpdError
 from opd_tasks.models import load_tokenizer
 from opd_tasks.scoring import check_tokenizers, get_scorers, score_table, teacher_provenance
 from opd_tasks.stages import StageResult
-from opd_tasks.verifiers import get_verifier
+from opd_tasks.verifiers import check_domains, find_verifier
 from storage.datasets import read_table
 from storage.fs import exists, filesystem
 from storage.layout import RunLayout
@@ -75,22 +75,31 @@ def _ids_column(table: pa.Table, name: str, source: str) -> list[np.ndarray]:
     return out
 
 
-def to_rollout_table(table: pa.Table, tokenizer, source: str) -> tuple[pa.Table, dict]:
-    """Normalize a user dataset into the rollout schema; returns (table, how it was tokenized)."""
+def to_rollout_table(table: pa.Table, tokenizer, source: str, chat_template: bool = False,
+                     verifiers: dict | None = None) -> tuple[pa.Table, dict]:
+    """Normalize a user dataset into the rollout schema; returns (table, how it was tokenized).
+    Text prompts (or `messages`) become ids with opd_tasks.prompts.encode_prompts, as in rollout."""
+    from opd_tasks.prompts import encode_prompts
     cols = set(table.column_names)
     if {"prompt_ids", "response_ids"} <= cols:
         prompts, responses = _ids_column(table, "prompt_ids", source), _ids_column(table, "response_ids", source)
         how = {"input": "token ids"}
-    elif {"prompt", "response"} <= cols:
+    elif "response" in cols and cols & {"prompt", "messages"}:
         eos = tokenizer.eos_token_id
-        p_txt, r_txt = table.column("prompt").to_pylist(), table.column("response").to_pylist()
-        prompts = [np.asarray(x, np.int32) for x in tokenizer(p_txt, add_special_tokens=True)["input_ids"]]
+        r_txt = table.column("response").to_pylist()
+        if None in r_txt:
+            raise DataError(f"{source}: row {r_txt.index(None)} has a null 'response'; every row needs one")
+        prompt_rows = [{"prompt": r.get("prompt"), "messages": r.get("messages")}
+                       for r in table.select([c for c in ("prompt", "messages") if c in cols]).to_pylist()]
+        prompts = [np.asarray(x, np.int32) for x in encode_prompts(tokenizer, prompt_rows, chat_template, source)]
         responses = [np.asarray(x + ([eos] if eos is not None else []), np.int32)
                      for x in tokenizer(r_txt, add_special_tokens=False)["input_ids"]]
         how = {"input": "text", "tokenizer": tokenizer.name_or_path, "response_eos_appended": eos is not None}
+        if chat_template or "messages" in cols:
+            how["chat_template"] = True
     else:
-        raise DataError(f"{source}: needs columns prompt_ids + response_ids (token ids) or prompt + response "
-                        f"(text); found {sorted(cols)}")
+        raise DataError(f"{source}: needs columns prompt_ids + response_ids (token ids) or prompt (or messages) "
+                        f"+ response (text); found {sorted(cols)}")
     if not prompts:
         raise DataError(f"{source}: the dataset is empty")
     empty = [i for i, r in enumerate(responses) if len(r) == 0]
@@ -103,7 +112,8 @@ def to_rollout_table(table: pa.Table, tokenizer, source: str) -> tuple[pa.Table,
         answers = table.column("answer").cast(pa.string()).to_pylist()
         domains = table.column("domain").cast(pa.string()).to_pylist() if "domain" in cols else [None] * n
         texts = tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
-        reward = [None if a is None else float(get_verifier(d)(t, a)) for t, a, d in zip(texts, answers, domains)]
+        verify = [None if a is None else find_verifier(d, verifiers) for a, d in zip(answers, domains)]
+        reward = [None if v is None else float(v(t, a)) for v, t, a in zip(verify, texts, answers)]
         how["reward"] = "verifier"
     sample_id = (table.column("sample_id").cast(pa.string()).to_pylist() if "sample_id" in cols
                  else [f"s{i:09d}" for i in range(n)])
@@ -128,7 +138,8 @@ def score_offline(cfg: RunConfig, input_path: str, output: str, rows_per_part: i
         return StageResult(stage="offline-scored", rows=m.rows, skipped=True)
     student = cfg.student.path
     tokenizer = load_tokenizer(student, cfg.student.trust_remote_code, role="student")
-    table, how = to_rollout_table(read_table(input_path), tokenizer, input_path)
+    table, how = to_rollout_table(read_table(input_path), tokenizer, input_path, cfg.data.chat_template,
+                                  cfg.data.verifiers)
     with_ref = cfg.needs_reference
     ref_path = cfg.reference.path if cfg.reference else student
     fingerprint = check_tokenizers(cfg, student, with_ref, ref_path)
@@ -169,7 +180,11 @@ def import_dataset(ctx: RunContext) -> StageResult:
         return StageResult(stage="offline-rollout", iteration=OFFLINE_ITERATION, rows=m.rows, skipped=True)
     source = cfg.offline.dataset
     tokenizer = load_tokenizer(cfg.student.path, cfg.student.trust_remote_code, role="student")
-    table, how = to_rollout_table(read_table(source), tokenizer, source)
+    raw = read_table(source)
+    if cfg.offline.filter.min_reward is not None and "reward" not in raw.column_names and "answer" in raw.column_names:
+        domains = raw.column("domain").to_pylist() if "domain" in raw.column_names else [None]
+        check_domains(domains, cfg.data.verifiers, "offline.filter.min_reward")
+    table, how = to_rollout_table(raw, tokenizer, source, cfg.data.chat_template, cfg.data.verifiers)
     prov = build_provenance("rollout", iteration=OFFLINE_ITERATION, config_hash=ctx.config_hash,
                             tokenizer_path=cfg.student.path, student_checkpoint=None, source=source, tokenization=how)
     per = cfg.rollout.rows_per_part
@@ -326,8 +341,7 @@ def kept_rows(fs, scored_dir: str, table: pa.Table) -> pa.Table:
 def run_offline_evaluation(ctx: RunContext) -> StageResult:
     """Greedy per-domain accuracy of the warm-started student (checkpoints/offline/hf) on the eval
     split, when evaluation is on (eval.every > 0) -> offline/evaluation/metrics.json + manifest."""
-    from opd_tasks.eval_stage import eval_prompts, read_baseline
-    from opd_tasks.evaluate import greedy_accuracy
+    from opd_tasks.eval_stage import eval_prompts, read_baseline, student_accuracy
     from storage.checkpoints import warm_start_dir
     t0 = time.perf_counter()
     fs, stage = ctx.layout.fs, ctx.offline_dir("evaluation")
@@ -338,10 +352,9 @@ def run_offline_evaluation(ctx: RunContext) -> StageResult:
     if metrics["scheduled"]:
         model = ctx.layout.url_of(warm_start_dir(ctx.layout))
         read_baseline(ctx)  # the initial student's accuracy, for comparison
-        rows, e = eval_prompts(ctx), ctx.cfg.eval
-        metrics.update(accuracy=greedy_accuracy(model, rows, max_new_tokens=e.max_new_tokens,
-                                                token_budget=e.token_budget),
-                       checkpoint=model, eval_prompts=rows.num_rows)
+        rows = eval_prompts(ctx)
+        metrics.update(accuracy=student_accuracy(ctx, model, rows), checkpoint=model, eval_prompts=rows.num_rows,
+                       engine=ctx.cfg.rollout.engine)
     metrics["seconds"] = time.perf_counter() - t0
     part = write_json_part(fs, stage, "metrics.json", metrics)
     commit_manifest(fs, stage, Manifest(stage="offline-evaluation", config_hash=ctx.config_hash, parts=[part],

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Sequence
+
 import numpy as np
 import pyarrow as pa
 
 from opd_tasks.context import RunContext
 from opd_tasks.engines.base import Generator, SamplingParams
 from opd_tasks.errors import DataError
-from opd_tasks.models import load_tokenizer, max_context
+from opd_tasks.models import load_tokenizer
+from opd_tasks.prompts import encode_prompts, prompt_limit
 from opd_tasks.stages import StageResult
-from opd_tasks.verifiers import get_verifier
+from opd_tasks.verifiers import check_domains, find_verifier
 from storage.datasets import read_prompts
 from storage.faults import fault_point
 from storage.manifest import read_manifest, remove_tmp_files
@@ -46,24 +49,37 @@ def part_seed(seed: int, iteration: int, part: int) -> int:
 
 def sampling_params(ctx: RunContext, seed: int, max_new_tokens: int | None = None, greedy: bool = False) -> SamplingParams:
     r = ctx.cfg.rollout
-    return SamplingParams(temperature=1e-5 if greedy else r.temperature, top_p=r.top_p, top_k=r.top_k,
+    return SamplingParams(temperature=0.0 if greedy else r.temperature, top_p=r.top_p, top_k=r.top_k,
                           max_new_tokens=max_new_tokens or r.max_new_tokens, seed=seed)
 
 
-def tokenize_prompts(tokenizer, texts: list[str], limit: int, source: str, ids: list[str]) -> list[list[int]]:
-    """Token ids of each prompt, once; a prompt that leaves no room for the response is an error."""
-    out = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    for pid, toks in zip(ids, out):
-        if len(toks) > limit:
-            raise DataError(f"{source}: prompt {pid!r} has {len(toks)} tokens, but the model's context leaves "
-                            f"{limit} for the prompt after max_new_tokens; shorten the prompt, lower "
-                            f"rollout.max_new_tokens, or drop it from the dataset")
-    return out
+def tokenize_limit(cfg, generators: Sequence[tuple[str, object]], max_new_tokens: int, max_new_field: str,
+                   scorers: bool = True) -> tuple[int | None, str]:
+    """(most prompt tokens, why): the response must fit on the generating engine(s) [(model path,
+    engine config)] and, with `scorers`, on the scoring engine of every teacher (and of the
+    reference when the loss reads it)."""
+    uses = list(generators)
+    if scorers:
+        uses += [(t.path, cfg.scoring) for t in cfg.teachers]
+        if cfg.needs_reference:
+            uses.append(((cfg.reference or cfg.student).path, cfg.scoring))
+            uses += [(t.reference.path, cfg.scoring) for t in cfg.teachers if t.reference is not None]
+    return prompt_limit(uses, max_new_tokens, max_new_field)
+
+
+def tokenize_prompts(cfg, tokenizer, rows: pa.Table, source: str, generators: Sequence[tuple[str, object]],
+                     max_new_tokens: int, max_new_field: str = "rollout.max_new_tokens") -> list[list[int]]:
+    """Token ids of each prompt (opd_tasks.prompts.encode_prompts, data.chat_template), once; a
+    prompt that leaves no room for the response (tokenize_limit) is an error."""
+    limit, why = tokenize_limit(cfg, generators, max_new_tokens, max_new_field)
+    return encode_prompts(tokenizer, rows, cfg.data.chat_template, source, limit=limit, limit_why=why)
 
 
 def sample_part(gen: Generator, tokenizer, rows: pa.Table, prompt_ids: list[list[int]], iteration: int,
-                sampling: SamplingParams, group_size: int, id_prefix: str | None = None) -> pa.Table:
-    """Generate G responses for each prompt of one part and score them with the verifiers.
+                sampling: SamplingParams, group_size: int, id_prefix: str | None = None,
+                verifiers: dict | None = None) -> pa.Table:
+    """Generate G responses for each prompt of one part and score them with the verifiers
+    (reward null without an answer or a verifier; data.verifiers maps domains to verifiers).
     Sample ids are PREFIX-PROMPT_ID-gG (PREFIX default: iNNNNNN, the iteration)."""
     groups = gen.generate(prompt_ids, group_size, sampling)
     prefix = id_prefix or f"i{iteration:06d}"
@@ -71,7 +87,7 @@ def sample_part(gen: Generator, tokenizer, rows: pa.Table, prompt_ids: list[list
     cols: dict[str, list] = {k: [] for k in ("sample_id", "prompt_id", "group_index", "domain", "prompt_ids",
                                              "response_ids", "behaviour_logp", "finish_reason", "reward")}
     for i, samples in enumerate(groups):
-        verify = get_verifier(domains[i]) if answers[i] is not None else None
+        verify = find_verifier(domains[i], verifiers) if answers[i] is not None else None
         for g, s in enumerate(samples):
             cols["sample_id"].append(f"{prefix}-{pids[i]}-g{g}")
             cols["prompt_id"].append(pids[i])
@@ -98,12 +114,12 @@ def run_rollout(ctx: RunContext, iteration: int, generator: Generator | None = N
     need += ("answer",) if cfg.loss.kind == "kdrl" else ()
     prompts = iteration_prompts(read_prompts(cfg.data.train, need=need), iteration, cfg.seed,
                                 cfg.rollout.prompts_per_iteration)
+    if cfg.loss.kind == "kdrl":
+        check_domains(prompts.column("domain").to_pylist(), cfg.data.verifiers, "loss.kind=kdrl")
     tokenizer = load_tokenizer(student, cfg.student.trust_remote_code, role="student")
-    limit = max_context(student, cfg.student.trust_remote_code) - cfg.rollout.max_new_tokens
     # all of the iteration's prompts before any part: a part committed before a bad prompt stopped
     # the stage would be kept on resume, even after a fix of the dataset that reshuffles the prompts
-    ids = tokenize_prompts(tokenizer, prompts.column("prompt").to_pylist(), limit, cfg.data.train,
-                           prompts.column("prompt_id").to_pylist())
+    ids = tokenize_prompts(cfg, tokenizer, prompts, cfg.data.train, [(student, cfg.rollout)], cfg.rollout.max_new_tokens)
     G = cfg.rollout.group_size
     per_part = max(1, cfg.rollout.rows_per_part // G)
     n_parts = -(-prompts.num_rows // per_part)
@@ -122,7 +138,7 @@ def run_rollout(ctx: RunContext, iteration: int, generator: Generator | None = N
             gen = generator or get_generator(ctx, student)
         rows = prompts.slice(k * per_part, per_part)
         table = sample_part(gen, tokenizer, rows, ids[k * per_part:(k + 1) * per_part], iteration,
-                            sampling_params(ctx, part_seed(cfg.seed, iteration, k)), G)
+                            sampling_params(ctx, part_seed(cfg.seed, iteration, k)), G, verifiers=cfg.data.verifiers)
         tokens += sum(len(r) for r in table.column("response_ids").to_pylist())
         done[k] = write_part(fs, stage, k, table, prov, vocab_size=len(tokenizer))
         fault_point("rollout.part")
@@ -138,13 +154,14 @@ _GENERATORS: dict[tuple, Generator] = {}
 
 def get_generator(ctx: RunContext, model_path: str) -> Generator:
     """A long-lived generator per (engine, run): later iterations reload weights in place."""
-    from opd_tasks.engines import make_generator
+    from opd_tasks.engines import hf_device, make_generator
     r = ctx.cfg.rollout
     key = (r.engine, ctx.run_dir)
     gen = _GENERATORS.get(key)
     if gen is None:
         opts = {"dtype": ctx.cfg.student.dtype, "token_budget": r.token_budget, "vllm": r.vllm,
                 "url": r.url, "max_concurrency": r.max_concurrency,
+                "device": hf_device(ctx.cfg) if r.engine == "hf" else None,
                 "trust_remote_code": ctx.cfg.student.trust_remote_code}
         gen = _GENERATORS[key] = make_generator(r.engine, model_path, **opts)
         gen._opd_path = model_path
@@ -152,6 +169,17 @@ def get_generator(ctx: RunContext, model_path: str) -> Generator:
         gen.load_weights(model_path)
         gen._opd_path = model_path
     return gen
+
+
+def teacher_generator(cfg, teacher, token_budget: int | None = None) -> Generator:
+    """A fresh generator of `teacher` on the rollout engine (offline generation, eval baselines);
+    the caller drops it when done, so one teacher's engine is held at a time."""
+    from opd_tasks.engines import hf_device, make_generator
+    r = cfg.rollout
+    return make_generator(r.engine, teacher.path, dtype=teacher.dtype, token_budget=token_budget or r.token_budget,
+                          vllm=r.vllm, url=teacher.url, max_concurrency=r.max_concurrency,
+                          device=hf_device(cfg) if r.engine == "hf" else None,
+                          trust_remote_code=teacher.trust_remote_code)
 
 
 # ---- teacher generation: the offline phase's data (and `opd generate`) -------------------------------
@@ -201,7 +229,6 @@ def generate_offline(cfg, fs, stage: str, *, model: str, prompts: int, group_siz
     off-TEACHER-PROMPT_ID-gG. Part k holds one teacher's prompts; its seed is a function of (run
     seed, k), so a resumed stage writes exactly the missing parts. cfg: a resolved RunConfig.
     generator_factory(teacher) -> Generator replaces the engine (tests)."""
-    from opd_tasks.engines import make_generator
     from opd_tasks.scoring import check_tokenizers
 
     t0 = time.perf_counter()
@@ -213,15 +240,16 @@ def generate_offline(cfg, fs, stage: str, *, model: str, prompts: int, group_siz
     need += ("answer",) if cfg.offline is not None and cfg.offline.filter.min_reward is not None else ()
     table = offline_prompts(read_prompts(cfg.data.train, need=need), cfg.seed, prompts)
     plan = teacher_plan(cfg.teachers, model, table, cfg.data.train)
+    if cfg.offline is not None and cfg.offline.filter.min_reward is not None:
+        check_domains(table.column("domain").to_pylist(), cfg.data.verifiers, "offline.filter.min_reward")
     student = cfg.student.path
     fingerprint = check_tokenizers(cfg, student, False, student)  # teachers sample ids the student reads
     tokenizer = load_tokenizer(student, cfg.student.trust_remote_code, role="student")
     per_part = max(1, r.rows_per_part // group_size)
     parts = []  # (teacher, rows, ids) per part, in a fixed order
     for teacher, rows in plan:
-        limit = max_context(teacher.path, teacher.trust_remote_code) - max_new
-        ids = tokenize_prompts(tokenizer, rows.column("prompt").to_pylist(), limit, cfg.data.train,
-                               rows.column("prompt_id").to_pylist())
+        ids = tokenize_prompts(cfg, tokenizer, rows, cfg.data.train, [(teacher.path, r)], max_new,
+                               "offline.generate.max_new_tokens" if max_new_tokens else "rollout.max_new_tokens")
         for a in range(0, rows.num_rows, per_part):
             parts.append((teacher, rows.slice(a, per_part), ids[a:a + per_part]))
     done = finished_parts(fs, stage, expect={"config_hash": config_hash})
@@ -232,15 +260,12 @@ def generate_offline(cfg, fs, stage: str, *, model: str, prompts: int, group_siz
             continue
         if gen_of is not teacher:  # one teacher's engine at a time
             gen = None  # release the previous teacher's engine before loading the next
-            gen = (generator_factory(teacher) if generator_factory else
-                   make_generator(r.engine, teacher.path, dtype=teacher.dtype, token_budget=r.token_budget,
-                                  vllm=r.vllm, url=teacher.url, max_concurrency=r.max_concurrency,
-                                  trust_remote_code=teacher.trust_remote_code))
+            gen = generator_factory(teacher) if generator_factory else teacher_generator(cfg, teacher)
             gen_of = teacher
         sampling = SamplingParams(temperature=temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=max_new,
                                   seed=part_seed(cfg.seed, 1 << 20, k))
         part = sample_part(gen, tokenizer, rows, ids, OFFLINE_ITERATION, sampling, group_size,
-                           id_prefix=f"off-{teacher.name}")
+                           id_prefix=f"off-{teacher.name}", verifiers=cfg.data.verifiers)
         prov = build_provenance("rollout", iteration=OFFLINE_ITERATION, config_hash=config_hash,
                                 tokenizer_path=student, tokenizer_fingerprint=fingerprint, student_checkpoint=None,
                                 generator={"teacher": teacher.name, "path": teacher.path},

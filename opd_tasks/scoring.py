@@ -196,7 +196,7 @@ _SCORERS: dict[tuple, Scorer] = {}
 def get_scorers(cfg: RunConfig, with_ref: bool, ref_path: str) -> dict[str, Scorer]:
     """Teachers (and the references) loaded once per process, each distinct model once;
     scoring.engine picks the backend."""
-    from opd_tasks.engines import make_scorer
+    from opd_tasks.engines import hf_device, make_scorer
     s = cfg.scoring
     wanted = [(t.name, t.path, t.dtype, t.trust_remote_code, t.url) for t in cfg.teachers]
     if with_ref:
@@ -210,7 +210,8 @@ def get_scorers(cfg: RunConfig, with_ref: bool, ref_path: str) -> dict[str, Scor
         key = (s.engine, path, dtype, url)
         if key not in _SCORERS:
             _SCORERS[key] = make_scorer(s.engine, path, dtype=dtype, token_budget=s.token_budget, vllm=s.vllm,
-                                        url=url, max_concurrency=s.max_concurrency, trust_remote_code=trc)
+                                        url=url, max_concurrency=s.max_concurrency, trust_remote_code=trc,
+                                        device=hf_device(cfg) if s.engine == "hf" else None)
         out[name] = _SCORERS[key]
     return out
 

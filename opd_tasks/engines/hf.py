@@ -70,15 +70,17 @@ def sampling_logp(logits: torch.Tensor, temperature: float = 1.0, top_k: int = -
 
 class _HFEngine:
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu", token_budget: int = 32768,
-                 trust_remote_code: bool = False, progress: bool | None = None):
+                 trust_remote_code: bool = False, progress: bool | None = None, model=None):
         if dtype not in DTYPES:
             raise EngineInputError(f"hf engine: dtype {dtype!r} is not one of {sorted(DTYPES)}")
         if token_budget <= 0:
             raise EngineInputError(f"hf engine: token_budget must be > 0, got {token_budget}")
+        if model is not None:  # an in-memory model (e.g. one being trained): used as is, on its device
+            device = model.device
         self.model_path, self.device, self.token_budget = str(model_path), torch.device(device), token_budget
         self.progress = sys.stderr.isatty() if progress is None else progress
-        local = local_model_dir(model_path)  # a URL: the node's cached copy
-        self.model = load_causal_lm(local, dtype, device, trust_remote_code)
+        local = str(model_path) if model is not None else local_model_dir(model_path)  # a URL: the node's cached copy
+        self.model = model if model is not None else load_causal_lm(local, dtype, device, trust_remote_code)
         cfg = self.model.config
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
@@ -237,16 +239,18 @@ class HFGenerator(_HFEngine):
     compact_below = 0.75  # drop finished rows from the running batch once <= this fraction still runs
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu", token_budget: int = 16384,
-                 trust_remote_code: bool = False, progress: bool | None = None):
-        super().__init__(model_path, dtype, device, token_budget, trust_remote_code, progress)
+                 trust_remote_code: bool = False, progress: bool | None = None, model=None):
+        super().__init__(model_path, dtype, device, token_budget, trust_remote_code, progress, model)
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[list[Sample]]:
         """result[i][g]: sample g of prompt i. Stops at EOS (included in response_ids, with its
-        log-prob; finish_reason "stop") or after sampling.max_new_tokens ("length")."""
+        log-prob; finish_reason "stop") or after sampling.max_new_tokens ("length").
+        temperature 0 is greedy decoding (argmax of the logits; behaviour_logp then holds the
+        chosen tokens' temperature-1 log-probs)."""
         if n < 1:
             raise EngineInputError(f"generate: n (samples per prompt) must be >= 1, got {n}")
-        if not sampling.temperature > 0 or not 0 < sampling.top_p <= 1 or sampling.max_new_tokens < 1:
-            raise EngineInputError(f"generate: need temperature > 0, 0 < top_p <= 1, max_new_tokens >= 1; "
+        if not sampling.temperature >= 0 or not 0 < sampling.top_p <= 1 or sampling.max_new_tokens < 1:
+            raise EngineInputError(f"generate: need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1; "
                                    f"got {sampling}")
         prompts = self._check_ids(prompt_ids, "prompt", sampling.max_new_tokens)
         empty = [i for i, p in enumerate(prompts) if p.size == 0]
@@ -286,10 +290,14 @@ class HFGenerator(_HFEngine):
         next_pos = pos[:, -1:] + 1
         alive = torch.arange(B, device=dev)  # batch row of each row still in the model's batch
         for t in range(T):
-            lp = sampling_logp(out.logits[:, -1], sp.temperature, sp.top_k, sp.top_p)  # [A, V]
-            tok = torch.multinomial(lp.exp(), 1, generator=gen)  # [A, 1]
+            if sp.temperature == 0:  # greedy: the argmax of the raw logits (no ties made by rounding)
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)  # [A, 1]
+                lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+            else:
+                lp = sampling_logp(out.logits[:, -1], sp.temperature, sp.top_k, sp.top_p)  # [A, V]
+                tok = torch.multinomial(lp.exp(), 1, generator=gen)  # [A, 1]
             tokens[alive, t], logp[alive, t] = tok[:, 0], lp.gather(1, tok)[:, 0]
-            stop = alive[torch.isin(tok[:, 0], eos)]
+            stop = alive[torch.isin(tok[:, 0], eos) & ~done[alive]]  # a row ends at its first EOS
             length[stop], done[stop] = t + 1, True
             if t == T - 1 or bool(done.all()):
                 break

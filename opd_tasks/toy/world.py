@@ -192,8 +192,9 @@ def _save_model(model, tokenizer, path: Path) -> None:
 
 
 def _dev_accuracy(model, tok, dev: list[dict], max_new: int) -> dict[str, float]:
-    from opd_tasks.evaluate import accuracy_by_domain, greedy_generate
-    return accuracy_by_domain(dev, greedy_generate(model, tok, [r["prompt"] for r in dev], max_new))
+    from opd_tasks.engines.hf import HFGenerator
+    from opd_tasks.evaluate import evaluate
+    return evaluate(HFGenerator("toy-in-training", model=model, progress=False), tok, dev, max_new)
 
 
 def _band_miss(acc: dict[str, float], band: tuple) -> float:

@@ -189,7 +189,8 @@ def _tiny_world(root: Path) -> dict:
            "rollout": {"prompts_per_iteration": 4, "group_size": 2, "max_new_tokens": 6},
            "train": {"mini_batches": 1, "nproc_per_node": 1},
            "eval": {"every": 1, "max_prompts": 4, "max_new_tokens": 6},
-           "data": {"train": str(root / "prompts.parquet"), "eval": str(root / "prompts.parquet")}}
+           "data": {"train": str(root / "prompts.parquet"), "eval": str(root / "prompts.parquet"),
+                    "verifiers": {"x": "exact", "y": "exact"}}}
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     return {"config": str(root / "cfg.yaml"), "responses": str(root / "responses.parquet")}
 
