@@ -8,7 +8,7 @@ iteration 0, or the offline phase's HF export when the run has one). Outputs: ch
 
     run_offline_training(ctx)   # the offline phase: offline/scored (kept rows) -> checkpoints/offline
 
-The offline phase is the same trainer at iteration -1 (opd_tasks.trainer.worker.OFFLINE_ITERATION).
+The offline phase is the same trainer at iteration -1 (storage.layout.OFFLINE_ITERATION).
 Like every train stage it is one unit: a kill before its manifest redoes it from its init weights
 (deterministic: same seeds, same result).
 """
@@ -21,10 +21,10 @@ from opd_tasks.stages import StageResult
 from opd_tasks.trainer import TrainError
 from opd_tasks.trainer.launch import launch_training
 from storage.checkpoints import checkpoint_status, warm_start_dir
+from storage.layout import OFFLINE_ITERATION
 from storage.manifest import read_manifest
 
 SUMMARY_KEYS = ("loss", "kl_k1", "kl_k3", "ratio_mean", "clip_frac", "grad_norm", "nll", "teacher_nll")
-OFFLINE_ITERATION = -1  # = opd_tasks.trainer.worker.OFFLINE_ITERATION (not imported: the worker pulls in torch)
 
 
 def train_paths(ctx: RunContext, iteration: int) -> dict[str, str]:

@@ -29,10 +29,10 @@ from opd_tasks.trainer.distributed import close_distributed, init_distributed, s
 from opd_tasks.trainer.loop import LoopConfig, choose_old_logp, print_step, train_iteration
 from storage.checkpoints import commit_checkpoint
 from storage.fs import exists, filesystem, is_local, read_bytes
+from storage.layout import OFFLINE_ITERATION
 from storage.manifest import MANIFEST_NAME, Manifest, commit_manifest, remove_tmp_files, write_json_part
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-OFFLINE_ITERATION = -1  # the offline phase's "iteration" (as in its shards' iteration column)
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def load_rows(scored_dir: str, cfg: RunConfig, iteration: int = 0):
     fs, path = filesystem(scored_dir)
     table = read_stage(fs, path)
     if iteration == OFFLINE_ITERATION:  # the kept rows; a teacher's behaviour_logp is not the student's old_t
-        from opd_tasks.offline import kept_rows  # noqa: PLC0415
+        from opd_tasks.offline.filter import kept_rows  # noqa: PLC0415
         return rows_from_table(kept_rows(fs, path, table).drop_columns(["behaviour_logp"]), scored_dir,
                                need_behaviour=False)
     return rows_from_table(table, scored_dir, need_ref=cfg.needs_reference, need_reward=cfg.loss.kind == "kdrl",

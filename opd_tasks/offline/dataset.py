@@ -1,0 +1,101 @@
+"""A user dataset (token ids or texts) -> rollout-shaped rows; the offline phase's dataset import.
+
+    table, how = to_rollout_table(read_table("data/responses.parquet"), tokenizer, source)
+    import_dataset(ctx)          # offline.dataset -> RUN/offline/rollout parts (iteration -1)
+
+Column rules: see opd_tasks/offline/__init__.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from opd_tasks.context import RunContext
+from opd_tasks.errors import DataError
+from opd_tasks.models import load_tokenizer
+from opd_tasks.stages import StageResult
+from opd_tasks.verifiers import get_verifier
+from storage.datasets import read_table
+from storage.layout import OFFLINE_ITERATION
+from storage.manifest import read_manifest, remove_tmp_files
+from storage.shards import build_provenance, commit_parts, finished_parts, rollout_table, write_part
+
+
+def _ids_column(table: pa.Table, name: str, source: str) -> list[np.ndarray]:
+    out = []
+    for i, v in enumerate(table.column(name).to_pylist()):
+        if v is None:
+            raise DataError(f"{source}: row {i} has a null {name!r}; every row needs token ids")
+        out.append(np.asarray(v, np.int32))
+    return out
+
+
+def to_rollout_table(table: pa.Table, tokenizer, source: str) -> tuple[pa.Table, dict]:
+    """Normalize a user dataset into the rollout schema; returns (table, how it was tokenized)."""
+    cols = set(table.column_names)
+    if {"prompt_ids", "response_ids"} <= cols:
+        prompts, responses = _ids_column(table, "prompt_ids", source), _ids_column(table, "response_ids", source)
+        how = {"input": "token ids"}
+    elif {"prompt", "response"} <= cols:
+        eos = tokenizer.eos_token_id
+        p_txt, r_txt = table.column("prompt").to_pylist(), table.column("response").to_pylist()
+        prompts = [np.asarray(x, np.int32) for x in tokenizer(p_txt, add_special_tokens=True)["input_ids"]]
+        responses = [np.asarray(x + ([eos] if eos is not None else []), np.int32)
+                     for x in tokenizer(r_txt, add_special_tokens=False)["input_ids"]]
+        how = {"input": "text", "tokenizer": tokenizer.name_or_path, "response_eos_appended": eos is not None}
+    else:
+        raise DataError(f"{source}: needs columns prompt_ids + response_ids (token ids) or prompt + response "
+                        f"(text); found {sorted(cols)}")
+    if not prompts:
+        raise DataError(f"{source}: the dataset is empty")
+    empty = [i for i, r in enumerate(responses) if len(r) == 0]
+    if empty:
+        raise DataError(f"{source}: {len(empty)} row(s) have an empty response (first: row {empty[0]}); "
+                        f"drop them: there is no token to score")
+    n = len(prompts)
+    reward = table.column("reward").cast(pa.float32()) if "reward" in cols else None
+    if reward is None and "answer" in cols:  # the domain verifier's reward, as in a rollout
+        answers = table.column("answer").cast(pa.string()).to_pylist()
+        domains = table.column("domain").cast(pa.string()).to_pylist() if "domain" in cols else [None] * n
+        texts = tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
+        reward = [None if a is None else float(get_verifier(d)(t, a)) for t, a, d in zip(texts, answers, domains)]
+        how["reward"] = "verifier"
+    sample_id = (table.column("sample_id").cast(pa.string()).to_pylist() if "sample_id" in cols
+                 else [f"s{i:09d}" for i in range(n)])
+    prompt_id = (table.column("prompt_id").cast(pa.string()).to_pylist() if "prompt_id" in cols
+                 else [hashlib.sha1(p.tobytes()).hexdigest()[:16] for p in prompts])
+    out = rollout_table({
+        "sample_id": sample_id, "prompt_id": prompt_id, "group_index": np.zeros(n, np.int32),
+        "domain": table.column("domain").cast(pa.string()) if "domain" in cols else None,
+        "prompt_ids": prompts, "response_ids": responses, "behaviour_logp": pa.nulls(n, pa.list_(pa.float32())),
+        "finish_reason": ["offline"] * n,
+        "reward": reward,
+        "iteration": OFFLINE_ITERATION,
+    })
+    return out, how
+
+
+def import_dataset(ctx: RunContext) -> StageResult:
+    """offline.dataset (prompt+response as text or ids) -> RUN/offline/rollout parts (iteration -1)."""
+    t0 = time.perf_counter()
+    fs, stage, cfg = ctx.layout.fs, ctx.offline_dir("rollout"), ctx.cfg
+    if (m := read_manifest(fs, stage)) is not None:
+        return StageResult(stage="offline-rollout", iteration=OFFLINE_ITERATION, rows=m.rows, skipped=True)
+    source = cfg.offline.dataset
+    tokenizer = load_tokenizer(cfg.student.path, cfg.student.trust_remote_code, role="student")
+    table, how = to_rollout_table(read_table(source), tokenizer, source)
+    prov = build_provenance("rollout", iteration=OFFLINE_ITERATION, config_hash=ctx.config_hash,
+                            tokenizer_path=cfg.student.path, student_checkpoint=None, source=source, tokenization=how)
+    per = cfg.rollout.rows_per_part
+    done = finished_parts(fs, stage, expect={"config_hash": ctx.config_hash})
+    remove_tmp_files(fs, stage)
+    for k in range(-(-table.num_rows // per)):
+        if k not in done:
+            done[k] = write_part(fs, stage, k, table.slice(k * per, per), prov, vocab_size=len(tokenizer))
+    m = commit_parts(fs, stage, "rollout", done, ctx.config_hash, inputs={"dataset": source, **how},
+                     extra={"source": "dataset"})
+    return StageResult(stage="offline-rollout", iteration=OFFLINE_ITERATION, rows=m.rows,
+                       seconds=time.perf_counter() - t0)
