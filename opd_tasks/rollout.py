@@ -1,6 +1,8 @@
 """Rollout stage: the current student samples G responses per prompt, with behaviour log-probs.
 
     run_rollout(ctx, iteration)     # writes RUN/iter-N/rollout/part-*.parquet + _MANIFEST.json
+    rollout_parts(parts, ...)       # the one rollout loop's parts (stages.write_stage); also the
+                                    # teachers' offline generation (opd_tasks/offline/generate.py)
 
 The iteration's prompts and every part's sampling seed are functions of (run seed, iteration,
 part), so a resumed stage regenerates exactly the parts it is missing and keeps the rest.
@@ -9,7 +11,9 @@ Rewards come from the domain verifiers (opd_tasks.verifiers).
 from __future__ import annotations
 
 import logging
-import time
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import pyarrow as pa
 
@@ -17,12 +21,10 @@ from opd_tasks.context import RunContext
 from opd_tasks.engines.base import Generator, SamplingParams
 from opd_tasks.errors import DataError
 from opd_tasks.models import load_tokenizer, max_context
-from opd_tasks.stages import StageResult
+from opd_tasks.stages import Parts, StageResult, write_stage
 from opd_tasks.verifiers import get_verifier
 from storage.datasets import read_prompts
-from storage.faults import fault_point
-from storage.manifest import read_manifest, remove_tmp_files
-from storage.shards import build_provenance, commit_parts, finished_parts, rollout_table, write_part
+from storage.shards import build_provenance, rollout_table
 
 log = logging.getLogger("opd.rollout")
 
@@ -86,51 +88,68 @@ def sample_part(gen: Generator, tokenizer, rows: pa.Table, prompt_ids: list[list
     return rollout_table({**cols, "iteration": iteration})
 
 
+@dataclass(frozen=True)
+class RolloutPart:
+    """One part to sample: its prompt rows (prompt_id, domain, answer) and their token ids, the
+    sampling params, the generating model (consecutive parts of one model share its engine), the
+    parts' provenance and the sample-id prefix (sample_part)."""
+    rows: pa.Table
+    prompt_ids: list[list[int]]
+    sampling: SamplingParams
+    model: str
+    provenance: dict
+    id_prefix: str | None = None
+
+
+def rollout_parts(parts: list[RolloutPart], tokenizer, engine: Callable[[str], Generator], iteration: int,
+                  group_size: int, *, inputs: dict, extra: dict | None = None, label: str) -> Parts:
+    """The one rollout loop, for stages.write_stage: part k = sample_part of parts[k] on
+    engine(parts[k].model), built at the first missing part of each model (the previous model's
+    engine is released first)."""
+    current: dict = {}
+
+    def make(k: int) -> tuple[pa.Table, dict]:
+        p = parts[k]
+        if current.get("model") != p.model:
+            current.clear()  # release the previous model's engine before loading the next
+            current.update(model=p.model, gen=engine(p.model))
+        return (sample_part(current["gen"], tokenizer, p.rows, p.prompt_ids, iteration, p.sampling, group_size,
+                            id_prefix=p.id_prefix), p.provenance)
+
+    return Parts(keys=list(range(len(parts))), make=make, inputs=inputs, extra=extra, vocab_size=len(tokenizer),
+                 fault="rollout.part", label=label)
+
+
 def run_rollout(ctx: RunContext, iteration: int, generator: Generator | None = None) -> StageResult:
     """Write the rollout stage of `iteration` (parts already committed are kept)."""
-    fs, stage = ctx.layout.fs, ctx.stage_dir(iteration, "rollout")
-    t0 = time.perf_counter()
-    if (m := read_manifest(fs, stage)) is not None:
-        return StageResult(stage="rollout", iteration=iteration, rows=m.rows, skipped=True)
     cfg = ctx.cfg
     student = ctx.student_path(iteration)
-    need = ("domain",) if cfg.combination == "route" else ()
-    need += ("answer",) if cfg.loss.kind == "kdrl" else ()
-    prompts = iteration_prompts(read_prompts(cfg.data.train, need=need), iteration, cfg.seed,
-                                cfg.rollout.prompts_per_iteration)
-    tokenizer = load_tokenizer(student, cfg.student.trust_remote_code, role="student")
-    limit = max_context(student) - cfg.rollout.max_new_tokens
-    # all of the iteration's prompts before any part: a part committed before a bad prompt stopped
-    # the stage would be kept on resume, even after a fix of the dataset that reshuffles the prompts
-    ids = tokenize_prompts(tokenizer, prompts.column("prompt").to_pylist(), limit, cfg.data.train,
-                           prompts.column("prompt_id").to_pylist())
-    G = cfg.rollout.group_size
-    per_part = max(1, cfg.rollout.rows_per_part // G)
-    n_parts = -(-prompts.num_rows // per_part)
-    prov = build_provenance("rollout", iteration=iteration, config_hash=ctx.config_hash,
-                            tokenizer_path=student, student_checkpoint=student,
-                            sampling=sampling_params(ctx, 0).to_dict() | {"seed": "per part"},
-                            engine=cfg.rollout.engine, group_size=G)
-    done = finished_parts(fs, stage, expect={"config_hash": ctx.config_hash})
-    remove_tmp_files(fs, stage)  # left by a write that a crash interrupted
-    gen = None
-    tokens = 0
-    for k in range(n_parts):
-        if k in done:
-            continue
-        if gen is None:
-            gen = generator or get_generator(ctx, student)
-        rows = prompts.slice(k * per_part, per_part)
-        table = sample_part(gen, tokenizer, rows, ids[k * per_part:(k + 1) * per_part], iteration,
-                            sampling_params(ctx, part_seed(cfg.seed, iteration, k)), G)
-        tokens += sum(len(r) for r in table.column("response_ids").to_pylist())
-        done[k] = write_part(fs, stage, k, table, prov, vocab_size=len(tokenizer))
-        fault_point("rollout.part")
-        log.info("rollout iter %d part %d/%d: %d samples", iteration, k + 1, n_parts, table.num_rows)
-    m = commit_parts(fs, stage, "rollout", done, ctx.config_hash,
-                     inputs={"student": student, "prompts": cfg.data.train})
-    return StageResult(stage="rollout", iteration=iteration, rows=m.rows, seconds=time.perf_counter() - t0,
-                       tokens=tokens)
+
+    def plan() -> Parts:
+        need = ("domain",) if cfg.combination == "route" else ()
+        need += ("answer",) if cfg.loss.kind == "kdrl" else ()
+        prompts = iteration_prompts(read_prompts(cfg.data.train, need=need), iteration, cfg.seed,
+                                    cfg.rollout.prompts_per_iteration)
+        tokenizer = load_tokenizer(student, cfg.student.trust_remote_code, role="student")
+        limit = max_context(student) - cfg.rollout.max_new_tokens
+        # all of the iteration's prompts before any part: a part committed before a bad prompt stopped
+        # the stage would be kept on resume, even after a fix of the dataset that reshuffles the prompts
+        ids = tokenize_prompts(tokenizer, prompts.column("prompt").to_pylist(), limit, cfg.data.train,
+                               prompts.column("prompt_id").to_pylist())
+        G = cfg.rollout.group_size
+        per_part = max(1, cfg.rollout.rows_per_part // G)
+        prov = build_provenance("rollout", iteration=iteration, config_hash=ctx.config_hash,
+                                tokenizer_path=student, student_checkpoint=student,
+                                sampling=sampling_params(ctx, 0).to_dict() | {"seed": "per part"},
+                                engine=cfg.rollout.engine, group_size=G)
+        parts = [RolloutPart(prompts.slice(a, per_part), ids[a:a + per_part],
+                             sampling_params(ctx, part_seed(cfg.seed, iteration, k)), student, prov)
+                 for k, a in enumerate(range(0, prompts.num_rows, per_part))]
+        return rollout_parts(parts, tokenizer, lambda path: generator or get_generator(ctx, path), iteration, G,
+                             inputs={"student": student, "prompts": cfg.data.train}, label=f"rollout iter {iteration}")
+
+    return write_stage(ctx.layout.fs, ctx.stage_dir(iteration, "rollout"), name="rollout", kind="rollout",
+                       iteration=iteration, config_hash=ctx.config_hash, plan=plan)
 
 
 _GENERATORS: dict[tuple, Generator] = {}

@@ -8,7 +8,7 @@ Column rules: see opd_tasks/offline/__init__.py.
 from __future__ import annotations
 
 import hashlib
-import time
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -16,12 +16,11 @@ import pyarrow as pa
 from opd_tasks.context import RunContext
 from opd_tasks.errors import DataError
 from opd_tasks.models import load_tokenizer
-from opd_tasks.stages import StageResult
+from opd_tasks.stages import Parts, StageResult, write_stage
 from opd_tasks.verifiers import get_verifier
 from storage.datasets import read_table
 from storage.layout import OFFLINE_ITERATION
-from storage.manifest import read_manifest, remove_tmp_files
-from storage.shards import build_provenance, commit_parts, finished_parts, rollout_table, write_part
+from storage.shards import build_provenance, rollout_table
 
 
 def _ids_column(table: pa.Table, name: str, source: str) -> list[np.ndarray]:
@@ -78,24 +77,24 @@ def to_rollout_table(table: pa.Table, tokenizer, source: str) -> tuple[pa.Table,
     return out, how
 
 
+def table_parts(table: pa.Table, rows_per_part: int) -> tuple[list[int], Callable[[int], pa.Table]]:
+    """(part indices, k -> rows of part k) of a table cut into parts of rows_per_part rows."""
+    return list(range(-(-table.num_rows // rows_per_part))), lambda k: table.slice(k * rows_per_part, rows_per_part)
+
+
 def import_dataset(ctx: RunContext) -> StageResult:
     """offline.dataset (prompt+response as text or ids) -> RUN/offline/rollout parts (iteration -1)."""
-    t0 = time.perf_counter()
-    fs, stage, cfg = ctx.layout.fs, ctx.offline_dir("rollout"), ctx.cfg
-    if (m := read_manifest(fs, stage)) is not None:
-        return StageResult(stage="offline-rollout", iteration=OFFLINE_ITERATION, rows=m.rows, skipped=True)
-    source = cfg.offline.dataset
-    tokenizer = load_tokenizer(cfg.student.path, cfg.student.trust_remote_code, role="student")
-    table, how = to_rollout_table(read_table(source), tokenizer, source)
-    prov = build_provenance("rollout", iteration=OFFLINE_ITERATION, config_hash=ctx.config_hash,
-                            tokenizer_path=cfg.student.path, student_checkpoint=None, source=source, tokenization=how)
-    per = cfg.rollout.rows_per_part
-    done = finished_parts(fs, stage, expect={"config_hash": ctx.config_hash})
-    remove_tmp_files(fs, stage)
-    for k in range(-(-table.num_rows // per)):
-        if k not in done:
-            done[k] = write_part(fs, stage, k, table.slice(k * per, per), prov, vocab_size=len(tokenizer))
-    m = commit_parts(fs, stage, "rollout", done, ctx.config_hash, inputs={"dataset": source, **how},
-                     extra={"source": "dataset"})
-    return StageResult(stage="offline-rollout", iteration=OFFLINE_ITERATION, rows=m.rows,
-                       seconds=time.perf_counter() - t0)
+    cfg, source = ctx.cfg, ctx.cfg.offline.dataset
+
+    def plan() -> Parts:
+        tokenizer = load_tokenizer(cfg.student.path, cfg.student.trust_remote_code, role="student")
+        table, how = to_rollout_table(read_table(source), tokenizer, source)
+        prov = build_provenance("rollout", iteration=OFFLINE_ITERATION, config_hash=ctx.config_hash,
+                                tokenizer_path=cfg.student.path, student_checkpoint=None, source=source,
+                                tokenization=how)
+        keys, rows_of = table_parts(table, cfg.rollout.rows_per_part)
+        return Parts(keys=keys, make=lambda k: (rows_of(k), prov), inputs={"dataset": source, **how},
+                     extra={"source": "dataset"}, vocab_size=len(tokenizer), label="offline dataset import")
+
+    return write_stage(ctx.layout.fs, ctx.offline_dir("rollout"), name="offline-rollout", kind="rollout",
+                       iteration=OFFLINE_ITERATION, config_hash=ctx.config_hash, plan=plan)

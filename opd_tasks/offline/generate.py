@@ -5,9 +5,6 @@
 """
 from __future__ import annotations
 
-import logging
-import time
-
 import numpy as np
 import pyarrow as pa
 
@@ -15,15 +12,11 @@ from opd_tasks.context import RunContext
 from opd_tasks.engines.base import SamplingParams
 from opd_tasks.errors import DataError
 from opd_tasks.models import load_tokenizer, max_context
-from opd_tasks.rollout import part_seed, sample_part, tokenize_prompts
-from opd_tasks.stages import StageResult
+from opd_tasks.rollout import RolloutPart, part_seed, rollout_parts, tokenize_prompts
+from opd_tasks.stages import Parts, StageResult, write_stage
 from storage.datasets import read_prompts
-from storage.faults import fault_point
 from storage.layout import OFFLINE_ITERATION
-from storage.manifest import read_manifest, remove_tmp_files
-from storage.shards import build_provenance, commit_parts, finished_parts, write_part
-
-log = logging.getLogger("opd.rollout")
+from storage.shards import build_provenance
 
 
 def offline_prompts(prompts: pa.Table, seed: int, n: int) -> pa.Table:
@@ -70,59 +63,51 @@ def generate_offline(cfg, fs, stage: str, *, model: str, prompts: int, group_siz
     generator_factory(teacher) -> Generator replaces the engine (tests)."""
     from opd_tasks.engines import make_generator
     from opd_tasks.scoring import check_tokenizers
-
-    t0 = time.perf_counter()
-    if (m := read_manifest(fs, stage)) is not None:
-        return StageResult(stage="offline-rollout", iteration=OFFLINE_ITERATION, rows=m.rows, skipped=True)
     r = cfg.rollout
     max_new = max_new_tokens or r.max_new_tokens
-    need = ("domain",) if model == "route" else ()
-    need += ("answer",) if cfg.offline is not None and cfg.offline.filter.min_reward is not None else ()
-    table = offline_prompts(read_prompts(cfg.data.train, need=need), cfg.seed, prompts)
-    plan = teacher_plan(cfg.teachers, model, table, cfg.data.train)
-    student = cfg.student.path
-    fingerprint = check_tokenizers(cfg, student, False, student)  # teachers sample ids the student reads
-    tokenizer = load_tokenizer(student, cfg.student.trust_remote_code, role="student")
-    per_part = max(1, r.rows_per_part // group_size)
-    parts = []  # (teacher, rows, ids) per part, in a fixed order
-    for teacher, rows in plan:
-        limit = max_context(teacher.path) - max_new
-        ids = tokenize_prompts(tokenizer, rows.column("prompt").to_pylist(), limit, cfg.data.train,
-                               rows.column("prompt_id").to_pylist())
-        for a in range(0, rows.num_rows, per_part):
-            parts.append((teacher, rows.slice(a, per_part), ids[a:a + per_part]))
-    done = finished_parts(fs, stage, expect={"config_hash": config_hash})
-    remove_tmp_files(fs, stage)  # left by a write that a crash interrupted
-    gen, gen_of, tokens = None, None, 0
-    for k, (teacher, rows, ids) in enumerate(parts):
-        if k in done:
-            continue
-        if gen_of is not teacher:  # one teacher's engine at a time
-            gen = None  # release the previous teacher's engine before loading the next
-            gen = (generator_factory(teacher) if generator_factory else
-                   make_generator(r.engine, teacher.path, dtype=teacher.dtype, token_budget=r.token_budget,
-                                  vllm=r.vllm, url=teacher.url, max_concurrency=r.max_concurrency,
-                                  trust_remote_code=teacher.trust_remote_code))
-            gen_of = teacher
-        sampling = SamplingParams(temperature=temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=max_new,
-                                  seed=part_seed(cfg.seed, 1 << 20, k))
-        part = sample_part(gen, tokenizer, rows, ids, OFFLINE_ITERATION, sampling, group_size,
-                           id_prefix=f"off-{teacher.name}")
-        prov = build_provenance("rollout", iteration=OFFLINE_ITERATION, config_hash=config_hash,
-                                tokenizer_path=student, tokenizer_fingerprint=fingerprint, student_checkpoint=None,
-                                generator={"teacher": teacher.name, "path": teacher.path},
-                                sampling=sampling.to_dict(), engine=r.engine, group_size=group_size)
-        tokens += sum(len(x) for x in part.column("response_ids").to_pylist())
-        done[k] = write_part(fs, stage, k, part, prov, vocab_size=len(tokenizer))
-        fault_point("rollout.part")
-        log.info("offline generation part %d/%d (%s): %d samples", k + 1, len(parts), teacher.name, part.num_rows)
-    m = commit_parts(fs, stage, "rollout", done, config_hash,
-                     inputs={"prompts": cfg.data.train, "model": model,
-                             "teachers": {t.name: t.path for t, _ in plan}},
-                     extra={"source": "generate", "prompts": prompts, "group_size": group_size,
-                            "temperature": temperature, "max_new_tokens": max_new})
-    return StageResult(stage="offline-rollout", iteration=OFFLINE_ITERATION, rows=m.rows,
-                       seconds=time.perf_counter() - t0, tokens=tokens)
+    teachers: dict = {}  # name -> teacher config, of the teachers that generate
+
+    def plan() -> Parts:
+        need = ("domain",) if model == "route" else ()
+        need += ("answer",) if cfg.offline is not None and cfg.offline.filter.min_reward is not None else ()
+        table = offline_prompts(read_prompts(cfg.data.train, need=need), cfg.seed, prompts)
+        by_teacher = teacher_plan(cfg.teachers, model, table, cfg.data.train)
+        student = cfg.student.path
+        fingerprint = check_tokenizers(cfg, student, False, student)  # teachers sample ids the student reads
+        tokenizer = load_tokenizer(student, cfg.student.trust_remote_code, role="student")
+        per_part = max(1, r.rows_per_part // group_size)
+        parts = []  # one teacher's prompts per part, in a fixed order
+        for teacher, rows in by_teacher:
+            teachers[teacher.name] = teacher
+            limit = max_context(teacher.path) - max_new
+            ids = tokenize_prompts(tokenizer, rows.column("prompt").to_pylist(), limit, cfg.data.train,
+                                   rows.column("prompt_id").to_pylist())
+            for a in range(0, rows.num_rows, per_part):
+                sampling = SamplingParams(temperature=temperature, top_p=r.top_p, top_k=r.top_k,
+                                          max_new_tokens=max_new, seed=part_seed(cfg.seed, 1 << 20, len(parts)))
+                prov = build_provenance("rollout", iteration=OFFLINE_ITERATION, config_hash=config_hash,
+                                        tokenizer_path=student, tokenizer_fingerprint=fingerprint,
+                                        student_checkpoint=None, generator={"teacher": teacher.name,
+                                                                            "path": teacher.path},
+                                        sampling=sampling.to_dict(), engine=r.engine, group_size=group_size)
+                parts.append(RolloutPart(rows.slice(a, per_part), ids[a:a + per_part], sampling, teacher.name,
+                                         prov, id_prefix=f"off-{teacher.name}"))
+
+        def engine(name: str):
+            t = teachers[name]
+            return (generator_factory(t) if generator_factory else
+                    make_generator(r.engine, t.path, dtype=t.dtype, token_budget=r.token_budget, vllm=r.vllm,
+                                   url=t.url, max_concurrency=r.max_concurrency, trust_remote_code=t.trust_remote_code))
+
+        return rollout_parts(parts, tokenizer, engine, OFFLINE_ITERATION, group_size,
+                             inputs={"prompts": cfg.data.train, "model": model,
+                                     "teachers": {t.name: t.path for t, _ in by_teacher}},
+                             extra={"source": "generate", "prompts": prompts, "group_size": group_size,
+                                    "temperature": temperature, "max_new_tokens": max_new},
+                             label="offline generation")
+
+    return write_stage(fs, stage, name="offline-rollout", kind="rollout", iteration=OFFLINE_ITERATION,
+                       config_hash=config_hash, plan=plan)
 
 
 def run_offline_generation(ctx: RunContext, generator_factory=None) -> StageResult:
