@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.iteration import IO_RETRIES
@@ -48,7 +48,7 @@ def offline_filter(run_dir: str) -> StageResult:
 @task(name="offline-train", cache_policy=NO_CACHE)
 def offline_train(run_dir: str) -> StageResult:
     from opd_tasks.trainer.stage import run_offline_training
-    return run_offline_training(RunContext.load(run_dir))
+    return run_offline_training(RunContext.load(run_dir), on_line=get_run_logger().info)
 
 
 @task(name="offline-evaluate", cache_policy=NO_CACHE, **IO_RETRIES)

@@ -29,7 +29,7 @@ from opd_tasks.errors import OpdError
 from storage.fs import exists, filesystem
 from storage.layout import RunLayout
 from storage.manifest import MANIFEST_NAME, read_manifest, stage_status
-from storage.shards import PROVENANCE_KEY, flat_logp, read_stage, teacher_columns
+from storage.shards import PROVENANCE_KEY, TEACHER_PREFIX, flat_logp, read_stage, teacher_columns
 
 CONTEXT_TOKENS = 8
 
@@ -75,12 +75,17 @@ def _flat(table: pa.Table, name: str, token_valid: np.ndarray | None = None) -> 
 
 
 def kl_estimates(b: np.ndarray, t: np.ndarray) -> tuple[float, float]:
-    """Token means of k1 = b - t and k3 = exp(t - b) - (t - b) - 1 over finite entries. b, t: [N]."""
+    """Token means of k1 = b - t and k3 = exp(t - b) - (t - b) - 1 (losses.kl_k1_k3) over finite
+    entries. b, t: [N] float64."""
+    import torch
+
+    from opd_tasks.losses import kl_k1_k3
     ok = np.isfinite(b) & np.isfinite(t)
     if not ok.any():
         return math.nan, math.nan
-    r = t[ok] - b[ok]
-    return float(np.mean(-r)), float(np.mean(np.expm1(r) - r))
+    k1, k3 = kl_k1_k3(torch.from_numpy(np.ascontiguousarray(b[ok], np.float64)),
+                      torch.from_numpy(np.ascontiguousarray(t[ok], np.float64)))
+    return float(k1.mean()), float(k3.mean())
 
 
 def mixture_share(teacher_logp: dict[str, np.ndarray], weights: dict[str, float]) -> dict[str, float]:
@@ -122,9 +127,9 @@ def analyze(table: pa.Table, provenance: dict, top: int = 5, sample: str | None 
     b = _flat(table, "behaviour_logp", np.repeat(has_b, resp_len))
     t = _flat(table, "teacher_logp")
     # NaN where a teacher did not score the sample (scoring.teachers: routed)
-    tk = {k: flat_logp(table.column("teacher_logp." + k), resp_len).astype(np.float64) for k in teachers}
+    tk = {k: flat_logp(table.column(TEACHER_PREFIX + k), resp_len).astype(np.float64) for k in teachers}
     weights = {x["name"]: x.get("weight", 1.0) for x in provenance.get("teachers", []) if isinstance(x, dict)}
-    routed = any(table.column("teacher_logp." + k).null_count for k in teachers)
+    routed = any(table.column(TEACHER_PREFIX + k).null_count for k in teachers)
     share = {k: None for k in teachers} if routed else mixture_share(tk, weights)
     per_teacher = []
     for k in teachers:

@@ -30,12 +30,13 @@ def test_cli_help_lists_every_subcommand():
 
 
 def test_layers_import_one_way():
-    """flows -> opd_tasks -> storage; storage never imports torch or opd_tasks; losses only torch."""
+    """flows -> opd_tasks -> storage; storage never imports torch or opd_tasks; losses only torch;
+    Prefect only in flows/."""
     for p in (ROOT / "storage").glob("*.py"):
         src = p.read_text()
-        assert not re.search(r"^\s*(from|import) (opd_tasks|flows|torch)\b", src, re.M), p
+        assert not re.search(r"^\s*(from|import) (opd_tasks|flows|torch|prefect)\b", src, re.M), p
     for p in (ROOT / "opd_tasks").rglob("*.py"):
-        assert not re.search(r"^\s*(from|import) flows\b", p.read_text(), re.M), p
+        assert not re.search(r"^\s*(from|import) (flows|prefect)\b", p.read_text(), re.M), p
     losses = (ROOT / "opd_tasks" / "losses.py").read_text()
     imported = set(re.findall(r"^\s*(?:from|import) ([\w.]+)", losses, re.M))
     assert imported <= {"__future__", "math", "dataclasses", "typing", "torch"}, imported

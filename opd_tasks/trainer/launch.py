@@ -5,7 +5,7 @@
                               out_checkpoint="R/checkpoints/iter-000003",
                               train_dir="R/iter-000003/train", iteration=3, nproc_per_node=2)
 
-Prefect-free (the Prefect task in task.py is a thin wrapper). Single node: `torchrun --standalone`;
+Single node: `torchrun --standalone`;
 several nodes: the same call on every node with `nnodes` and a shared `rdzv_endpoint` (host:port).
 """
 from __future__ import annotations
@@ -18,8 +18,7 @@ import sys
 from collections import deque
 from typing import Callable
 
-from opd_tasks.train import ERROR_MARKER
-from opd_tasks.trainer import TrainError
+from opd_tasks.trainer import ERROR_MARKER, TrainError
 
 log = logging.getLogger("opd.train")
 TAIL_LINES = 40

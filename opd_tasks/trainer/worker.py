@@ -21,6 +21,7 @@ import torch.distributed as dist
 import yaml
 
 from opd_tasks.config import ConfigError, RunConfig, parse_config
+from opd_tasks.logprobs import DTYPES
 from opd_tasks.losses import LossParams, annealed_w_kd
 from opd_tasks.trainer import TrainError
 from opd_tasks.trainer import checkpoint as ckpt
@@ -32,7 +33,6 @@ from storage.fs import exists, filesystem, is_local, read_bytes
 from storage.layout import OFFLINE_ITERATION
 from storage.manifest import MANIFEST_NAME, Manifest, commit_manifest, remove_tmp_files, write_json_part
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ def run(args: TrainArgs) -> dict:
             ckpt.set_rng_state(state["rng"])
             step = int(state["step"])
         old_src, old_why = choose_old_logp(cfg.train.old_logp, cfg, rows.provenance, hf_url,
-                                           "behaviour_logp" in rows.token, args.iteration)
+                                           "behaviour_logp" in rows.token, args.iteration, loss_kind=params.kind)
         loop = LoopConfig(epochs=cfg.train.epochs, mini_batches=cfg.train.mini_batches,
                           micro_batch_tokens=cfg.train.micro_batch_tokens, grad_clip=cfg.train.grad_clip,
                           seed=cfg.seed, iteration=args.iteration, old_logp=old_src)
