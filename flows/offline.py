@@ -1,6 +1,6 @@
 """The offline phase of a run as a Prefect flow: a warm start before the on-policy iterations.
 
-    opd run configs/toy-offline.yaml --run-dir runs/x     # opd_run runs this first when `offline:` is set
+    opd run CONFIG --run-dir runs/x     # a CONFIG with an `offline:` block: opd_run runs this phase first
     opd generate configs/toy.yaml --model adder --output data/gen --prompts 256   # teacher samples only
 
 rollout (teachers generate, or the offline dataset is imported) -> score (every teacher) -> filter

@@ -4,7 +4,7 @@
     inspect_report("runs/demo", sample="3-p7-1")   # ... plus that sample token by token
     inspect_report("runs/demo", offline=True)      # the offline data, + what the filter kept and dropped, and why
 
-Per response token t of a sample (ALGORITHMS.md notation): b = behaviour_logp (the student that
+Per response token t of a sample (docs/algorithms.md notation): b = behaviour_logp (the student that
 sampled), T^k = teacher_logp.NAME, T = teacher_logp (combined). With d = b - T^k:
   k1 = d, k3 = exp(-d) + d - 1 (>= 0); their means over tokens estimate KL(student || teacher) per
   token (k1 unbiased, k3 lower variance). Mixture share of teacher k = mean over tokens of

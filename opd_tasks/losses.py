@@ -2,7 +2,7 @@
 and sft (negative log-likelihood of given responses: the offline warm start).
 
 Each loss returns `(loss, metrics)`: a scalar to MINIMIZE and a dict of python floats. The math
-and its notation (s_t, old_t, b_t, T_t, R_t, m_t) are those of docs ALGORITHMS.md.
+and its notation (s_t, old_t, b_t, T_t, R_t, m_t) are those of docs/algorithms.md.
 
 Sign conventions. A per-token reward r_t is "good for the student when high": for rkl
 r_t = T_t - sg(s_t), the teacher liking the sampled token more than the student does. It plays
