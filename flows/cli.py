@@ -169,7 +169,8 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Per iteration, each stage done / partial / missing, and the latest checkpoint."""
-    from opd_tasks.inspect import render_status, status_report
+    from opd_tasks.render import render_status
+    from opd_tasks.status import status_report
     try:
         report = status_report(run_dir)
     except _user_errors() as err:
@@ -192,7 +193,8 @@ def inspect(
     max_samples: int = typer.Option(200, min=1, help="--html: at most this many samples on the page"),
 ) -> None:
     """Where did teachers and student disagree? Per-teacher log-probs, KL estimates, rewards, tokens."""
-    from opd_tasks.inspect import inspect_report, render_inspect
+    from opd_tasks.inspect import inspect_report
+    from opd_tasks.render import render_inspect
     if html:
         from opd_tasks.inspect_html import write_html
         try:

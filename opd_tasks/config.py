@@ -3,7 +3,7 @@
     cfg = load_config("configs/toy.yaml")          # validates; errors name the field
     cfg.config_hash()                              # what a run directory is pinned to
 
-Every knob of ALGORITHMS.md has one name here, the same name used in code, Parquet
+Every knob of docs/algorithms.md has one name here, the same name used in code, Parquet
 columns and docs. Model paths are local directories, fsspec URLs, or `toy://NAME`
 (a model or dataset of the toy world named by `toy_world`, built on first use).
 """

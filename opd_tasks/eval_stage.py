@@ -12,6 +12,8 @@ place), each teacher of the baseline through a fresh generator, dropped before t
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from opd_tasks.errors import OpdError
 from opd_tasks.evaluate import evaluate
 from storage.faults import fault_point
@@ -80,32 +82,46 @@ def read_baseline(ctx) -> dict:
     return base
 
 
+def evaluate_stage(ctx, stage: str, *, name: str, iteration: int, scheduled: bool, model: Callable[[], str],
+                   fault: str | None = None):
+    """The one evaluation stage: when `scheduled`, greedy per-domain accuracy of the HF model at
+    model() on the eval split (the baseline computed first, once per run); stage/metrics.json, then
+    the manifest. Skipped when the manifest exists; an unscheduled stage still gets one."""
+    import time
+    from opd_tasks.stages import StageResult
+    from storage.manifest import Manifest, commit_manifest, read_manifest, remove_tmp_files, write_json_part
+    fs = ctx.layout.fs
+    if read_manifest(fs, stage) is not None:
+        return StageResult(stage=name, iteration=iteration, skipped=True)
+    remove_tmp_files(fs, stage)  # left by a write that a crash interrupted
+    t0 = time.perf_counter()
+    metrics: dict = {"iteration": iteration, "scheduled": scheduled}
+    if scheduled:
+        path = model()
+        read_baseline(ctx)  # once per run, before the first evaluation
+        rows = eval_prompts(ctx)
+        metrics.update(accuracy=student_accuracy(ctx, path, rows), checkpoint=path, eval_prompts=rows.num_rows,
+                       engine=ctx.cfg.rollout.engine)
+    metrics["seconds"] = time.perf_counter() - t0
+    if fault:
+        fault_point(fault)
+    part = write_json_part(fs, stage, "metrics.json", metrics)
+    commit_manifest(fs, stage, Manifest(stage=name, config_hash=ctx.config_hash, parts=[part],
+                                        inputs={"checkpoint": metrics.get("checkpoint")}))
+    return StageResult(stage=name, iteration=iteration, rows=metrics.get("eval_prompts", 0),
+                       seconds=metrics["seconds"], metrics=metrics)
+
+
 def run_evaluation(ctx, iteration: int):
     """Greedy per-domain accuracy of the checkpoint after training `iteration` (when scheduled by
     eval.every; the last iteration is always evaluated), written to iter-N/eval/metrics.json."""
-    import time
-    from opd_tasks.stages import StageResult
     from storage.checkpoints import hf_dir, is_complete
-    from storage.manifest import Manifest, commit_manifest, read_manifest, remove_tmp_files, write_json_part
-    fs, stage = ctx.layout.fs, ctx.stage_dir(iteration, "eval")
-    if (m := read_manifest(fs, stage)) is not None:
-        return StageResult(stage="eval", iteration=iteration, skipped=True)
-    remove_tmp_files(fs, stage)  # left by a write that a crash interrupted
-    t0 = time.perf_counter()
-    metrics: dict = {"iteration": iteration, "scheduled": is_scheduled(ctx, iteration)}
-    if metrics["scheduled"]:
+
+    def model() -> str:
         if not is_complete(ctx.layout, iteration):
             raise OpdError(f"{ctx.run_dir}: checkpoint of iteration {iteration} is not complete; "
                            f"train it first (opd resume)")
-        read_baseline(ctx)  # once per run, before the first evaluation
-        model = ctx.layout.url_of(hf_dir(ctx.layout, iteration))
-        rows = eval_prompts(ctx)
-        metrics.update(accuracy=student_accuracy(ctx, model, rows), checkpoint=model, eval_prompts=rows.num_rows,
-                       engine=ctx.cfg.rollout.engine)
-    metrics["seconds"] = time.perf_counter() - t0
-    fault_point("eval")
-    part = write_json_part(fs, stage, "metrics.json", metrics)
-    commit_manifest(fs, stage, Manifest(stage="eval", config_hash=ctx.config_hash, parts=[part],
-                                        inputs={"checkpoint": metrics.get("checkpoint")}))
-    return StageResult(stage="eval", iteration=iteration, rows=metrics.get("eval_prompts", 0),
-                       seconds=metrics["seconds"], metrics=metrics)
+        return ctx.layout.url_of(hf_dir(ctx.layout, iteration))
+
+    return evaluate_stage(ctx, ctx.stage_dir(iteration, "eval"), name="eval", iteration=iteration,
+                          scheduled=is_scheduled(ctx, iteration), model=model, fault="eval")

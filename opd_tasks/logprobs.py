@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import torch
 
+# the torch dtype of each config dtype name (config.Dtype): model loads, engines, the HF export
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def token_logp(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-prob of each token given the tokens before it.

@@ -2,9 +2,9 @@
 Paths and completeness only: the trainer writes the files (torch DCP, save_pretrained).
 
     RUN/checkpoints/iter-000003/     the student AFTER training iteration 3 (rollout of iteration 4)
-      dcp/                           torch.distributed.checkpoint train state (has dcp/.metadata)
+      dcp/                           torch.distributed.checkpoint train state: model, optimizer, step, RNG
+                                     (has dcp/.metadata)
       hf/                            HF export: config.json, *.safetensors, tokenizer files
-      train_state.json               step, RNG states (written by the trainer)
       _MANIFEST.json                 written last by commit_checkpoint
 
 A checkpoint is complete exactly when its _MANIFEST.json exists. commit_checkpoint writes it only
@@ -32,7 +32,6 @@ from storage.manifest import (MANIFEST_NAME, Manifest, Status, commit_manifest, 
                               stage_files, stage_status)
 
 REQUIRED_FILES = ("dcp/.metadata", "hf/config.json")
-TRAIN_STATE_NAME = "train_state.json"
 CHECKSUM_MAX_BYTES = 64 << 20
 
 
@@ -56,11 +55,6 @@ def dcp_dir(where: RunLayout | str, n: int | None = None) -> str:
 def hf_dir(where: RunLayout | str, n: int | None = None) -> str:
     """hf/ of checkpoint n of a layout, or of a checkpoint directory path: hf_dir(layout, 3) / hf_dir(path)."""
     return posixpath.join(_dir(where, n), "hf")
-
-
-def train_state_path(where: RunLayout | str, n: int | None = None) -> str:
-    """train_state.json (step, RNG states, ...) of a checkpoint, written by the trainer."""
-    return posixpath.join(_dir(where, n), TRAIN_STATE_NAME)
 
 
 def is_complete(where: RunLayout | fsspec.AbstractFileSystem, n_or_path: int | str) -> bool:

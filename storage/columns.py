@@ -208,14 +208,6 @@ def _check_lengths(arrays: list, fields: list, n: int) -> None:
 
 # ---- validation -------------------------------------------------------------------------------------
 
-def expected_schema(kind: str, teacher_names: Sequence[str] | None = None, with_ref: bool = False) -> pa.Schema:
-    if kind == "rollout":
-        return rollout_schema()
-    if kind == "scored":
-        return scored_schema(teacher_names or [], with_ref)
-    raise ShardError(f"shard kind {kind!r} is unknown; use 'rollout' or 'scored'")
-
-
 def check_columns(schema: pa.Schema, kind: str, teacher_names: Sequence[str] | None, source: str) -> pa.Schema:
     """Every expected column present with its type, and exactly the declared teachers' columns.
     Returns the expected schema. teacher_names=None: taken from the teacher_logp.NAME columns."""
@@ -228,9 +220,11 @@ def check_columns(schema: pa.Schema, kind: str, teacher_names: Sequence[str] | N
         if sorted(have) != sorted(teacher_names):
             raise ShardError(f"{source}: teacher columns {have} do not match the declared teachers "
                              f"{list(teacher_names)}; write one teacher_logp.NAME column per configured teacher")
+    elif kind != "rollout":
+        raise ShardError(f"shard kind {kind!r} is unknown; use 'rollout' or 'scored'")
     elif have:
         raise ShardError(f"{source}: rollout shard has teacher columns {have}; write it as kind='scored'")
-    exp = expected_schema(kind, teacher_names, with_ref="ref_logp" in schema.names)
+    exp = rollout_schema() if kind == "rollout" else scored_schema(teacher_names, "ref_logp" in schema.names)
     for f in exp:
         i = schema.get_field_index(f.name)
         if i < 0:

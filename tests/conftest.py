@@ -14,6 +14,16 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def prefect_in_process():
+    """Flows run in this process against a temporary Prefect server that stops at the end of the
+    session, while pytest still captures output (the server Prefect starts on its own stops at
+    interpreter exit and logs to the closed capture stream: "I/O operation on closed file")."""
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=None):  # PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+        yield
+
+
+@pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> dict:
     """Paths of a tiny random world (student, teachers tx/ty, prompts): see tests/tiny_world.py."""
     from tiny_world import build_tiny_world

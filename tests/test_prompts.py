@@ -44,7 +44,7 @@ def _expected(tok, text: str) -> list[int]:
 def test_chat_template_ids_are_the_same_in_rollout_offline_and_eval(chat_world, tmp_path, monkeypatch):
     import opd_tasks.rollout as rollout
     from opd_tasks.eval_stage import eval_prompts, student_accuracy
-    from opd_tasks.offline import to_rollout_table
+    from opd_tasks.offline.dataset import to_rollout_table
     from storage.shards import read_stage
 
     cfg = parse_config(tiny_config(chat_world, data={"chat_template": True},

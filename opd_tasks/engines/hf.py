@@ -30,25 +30,12 @@ import torch
 from opd_tasks.engines import EngineInputError
 from opd_tasks.engines.base import Sample, SamplingParams
 from opd_tasks.errors import ModelPathError
-from opd_tasks.logprobs import gather_response, token_logp
+from opd_tasks.logprobs import DTYPES, gather_response, token_logp
 from opd_tasks.models import load_causal_lm, load_safetensors, load_tokenizer, local_model_dir
+from opd_tasks.packing import pack
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # float32 logits of at most this many bytes at once (the [N, V] head output is chunked by rows)
 LOGITS_BYTES = 32 << 20
-
-
-def pack_by_budget(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
-    """Indices sorted by length (longest first, stable), packed greedily into batches whose
-    padded size len(batch) * max_len stays <= token_budget (a longer row goes alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= token_budget:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
 
 
 def sampling_logp(logits: torch.Tensor, temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0) -> torch.Tensor:
@@ -180,7 +167,7 @@ class HFScorer(_HFEngine):
         if self.device.type == "cpu":
             budget = min(budget, self.cpu_forward_tokens)
         with torch.inference_mode(), self._bar("score", sum(lengths)) as advance:
-            for batch in pack_by_budget(lengths, budget):
+            for batch in pack(range(len(lengths)), lengths, budget):
                 rows = [todo[b] for b in batch]
                 values = self._score_batch([prompts[i] for i in rows], [responses[i] for i in rows])
                 for i, v in zip(rows, values):
@@ -262,7 +249,7 @@ class HFGenerator(_HFEngine):
         out: list[list[Sample | None]] = [[None] * n for _ in prompts]
         self.last_stats = {"batches": 0, "sampling": sampling.to_dict()}
         with torch.inference_mode(), self._bar("generate", len(rows) * sampling.max_new_tokens) as advance:
-            for batch in pack_by_budget(lengths, self.token_budget):
+            for batch in pack(range(len(lengths)), lengths, self.token_budget):
                 samples = self._sample_batch([prompts[rows[b][0]] for b in batch], sampling, gen)
                 for b, s in zip(batch, samples):
                     i, g = rows[b]

@@ -8,9 +8,10 @@
     worker.py      one rank's iteration: config + shards in, checkpoint + metrics + manifests out
     launch.py      launch_training(): torchrun in a subprocess (one agent per node), logs streamed, errors surfaced
     stage.py       run_training(ctx, iteration): a run's train stage (paths from the layout, skip if done)
-    task.py        train_task: the Prefect task around launch_training
 """
 from storage.errors import OpdError
+
+ERROR_MARKER = "opd-train error"  # a failing worker's last line starts with it; launch.py surfaces those lines
 
 
 class TrainError(OpdError):

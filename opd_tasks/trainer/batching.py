@@ -17,10 +17,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from opd_tasks.packing import pack
 from opd_tasks.trainer import TrainError
-from storage.columns import flat_logp
-
-TEACHER_PREFIX = "teacher_logp."
+from storage.columns import TEACHER_PREFIX, flat_logp
 
 
 @dataclass
@@ -159,22 +158,6 @@ def mini_batches(n: int, num: int, seed: int, iteration: int, epoch: int) -> lis
     """
     order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed(seed, iteration, epoch)))
     return list(torch.tensor_split(order, min(num, n)))
-
-
-def pack(indices: list[int], lengths: torch.Tensor, token_budget: int) -> list[list[int]]:
-    """Greedy packing of rows (longest first) into micro-batches of rows x max_len <= token_budget.
-
-    A row longer than the budget gets a micro-batch of its own. Deterministic: ties keep input order.
-    """
-    order = sorted(indices, key=lambda i: -int(lengths[i]))
-    out: list[list[int]] = []
-    for i in order:
-        # sorted descending, so the first row of a micro-batch is its longest
-        if out and (len(out[-1]) + 1) * int(lengths[out[-1][0]]) <= token_budget:
-            out[-1].append(i)
-        else:
-            out.append([i])
-    return out
 
 
 def rank_plan(indices: torch.Tensor, lengths: torch.Tensor, token_budget: int,

@@ -5,7 +5,7 @@
                               out_checkpoint="R/checkpoints/iter-000003",
                               train_dir="R/iter-000003/train", iteration=3, nproc_per_node=2)
 
-Prefect-free (the Prefect task in task.py is a thin wrapper). Single node: `torchrun --standalone`.
+Prefect-free. Single node: `torchrun --standalone`.
 Several nodes (`nnodes` > 1): one torchrun agent per node, all joining a c10d rendezvous at
 `rdzv_endpoint` (host:port); opd starts each node's agent with `node_launcher`, a shell command
 template ({command} = the agent's command line, {node_rank}, {nnodes}, {rdzv_endpoint}, {cwd}):
@@ -30,8 +30,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from opd_tasks.train import ERROR_MARKER
-from opd_tasks.trainer import TrainError
+from opd_tasks.trainer import ERROR_MARKER, TrainError
 
 log = logging.getLogger("opd.train")
 TAIL_LINES = 40

@@ -33,7 +33,7 @@ class LoopConfig:
     grad_clip: float | None = 1.0
     seed: int = 0
     iteration: int = 0
-    old_logp: str = "recompute"  # or "behaviour": old_t = behaviour_logp (see choose_old_logp)
+    old_logp: str = "recompute"  # or "behaviour": old_t = behaviour_logp; "none" for sft (see choose_old_logp)
     logp_chunk_tokens: int = 1024  # response tokens per chunk of the output layer (0: full logits)
     schedule: Schedule | None = None  # lr per optimizer step (None: leave the optimizer's lr)
     no_sync: bool = False  # FSDP2: reduce gradients once per mini-batch, not per micro-batch
@@ -175,14 +175,17 @@ def _norm(path) -> str | None:
 
 
 def choose_old_logp(mode: str, cfg, provenance: dict, init_hf: str, have_behaviour: bool,
-                    iteration: int) -> tuple[str, str]:
+                    iteration: int, loss_kind: str | None = None) -> tuple[str, str]:
     """(LoopConfig.old_logp, the reason) for mode auto / recompute / behaviour.
 
     auto: "behaviour" when behaviour_mismatch() finds nothing (saves one no-grad forward over every
     row), else "recompute". behaviour when it does not hold: TrainError naming the reasons.
+    loss_kind "sft" (the loss being trained): "none", whatever the mode: sft has no ratio, no old_t.
     """
     if mode not in OLD_LOGP_MODES:
         raise TrainError(f"old_logp mode {mode!r} is not one of {OLD_LOGP_MODES}")
+    if loss_kind == "sft":
+        return "none", "the sft loss has no ratio, so no old_t is needed"
     if mode == "recompute":
         return "recompute", "asked for"
     why = behaviour_mismatch(cfg, provenance, init_hf, have_behaviour, iteration)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import yaml
 
 from opd_tasks.config import ConfigError, RunConfig, parse_config
+from opd_tasks.logprobs import DTYPES
 from opd_tasks.losses import LossParams, annealed_w_kd
 from opd_tasks.models import load_for_training, local_model_dir
 from opd_tasks.trainer import TrainError
@@ -33,10 +34,9 @@ from opd_tasks.trainer.schedule import Schedule
 from storage.checkpoints import commit_checkpoint
 from storage.errors import StorageError
 from storage.fs import exists, filesystem, is_local, read_bytes, retried, storage_failure
+from storage.layout import OFFLINE_ITERATION
 from storage.manifest import MANIFEST_NAME, Manifest, commit_manifest, remove_tmp_files, write_json_part
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-OFFLINE_ITERATION = -1  # the offline phase's "iteration" (as in its shards' iteration column)
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def load_rows(scored_dir: str, cfg: RunConfig, iteration: int = 0):
     fs, path = filesystem(scored_dir)
     table = read_stage(fs, path)
     if iteration == OFFLINE_ITERATION:  # the kept rows; a teacher's behaviour_logp is not the student's old_t
-        from opd_tasks.offline import kept_rows  # noqa: PLC0415
+        from opd_tasks.offline.filter import kept_rows  # noqa: PLC0415
         return rows_from_table(kept_rows(fs, path, table).drop_columns(["behaviour_logp"]), scored_dir,
                                need_behaviour=False)
     return rows_from_table(table, scored_dir, need_ref=cfg.needs_reference, need_reward=cfg.loss.kind == "kdrl",
@@ -224,7 +224,7 @@ def run(args: TrainArgs) -> dict:
             if "schedule" in state:  # the run's schedule as it began (a resume may have raised `iterations`)
                 schedule = Schedule.from_state(state["schedule"])
         old_src, old_why = choose_old_logp(cfg.train.old_logp, cfg, rows.provenance, hf_url,
-                                           "behaviour_logp" in rows.token, args.iteration)
+                                           "behaviour_logp" in rows.token, args.iteration, loss_kind=params.kind)
         loop = LoopConfig(epochs=cfg.train.epochs, mini_batches=cfg.train.mini_batches,
                           micro_batch_tokens=cfg.train.micro_batch_tokens, grad_clip=cfg.train.grad_clip,
                           seed=cfg.seed, iteration=args.iteration, old_logp=old_src, schedule=schedule,

@@ -28,11 +28,11 @@ from opd_tasks.config import parse_config
 from opd_tasks.context import RunContext, prepare_run
 from opd_tasks.engines.base import Sample
 from opd_tasks.errors import DataError, ManifestError, ModelPathError, OpdError, ShardError
-from opd_tasks.inspect import status_report
-from opd_tasks.offline import score_offline
+from opd_tasks.status import status_report
+from opd_tasks.offline.score import score_offline
 from opd_tasks.rollout import iteration_prompts, run_rollout
 from opd_tasks.scoring import run_scoring
-from opd_tasks.train import run_training
+from opd_tasks.trainer.stage import run_training
 from opd_tasks.trainer import TrainError
 from storage.manifest import MANIFEST_NAME, stage_status
 from storage.shards import read_stage
