@@ -63,6 +63,8 @@ def run_evaluation(ctx, iteration: int):
         if not is_complete(ctx.layout, iteration):
             raise OpdError(f"{ctx.run_dir}: checkpoint of iteration {iteration} is not complete; "
                            f"train it first (opd resume)")
+        from opd_tasks.engines.lifecycle import release_for_stage
+        release_for_stage(ctx.cfg, "eval")
         read_baseline(ctx)  # once per run, before the first evaluation
         model = ctx.layout.url_of(hf_dir(ctx.layout, iteration))
         rows = eval_prompts(ctx)

@@ -133,24 +133,24 @@ def run_rollout(ctx: RunContext, iteration: int, generator: Generator | None = N
                        tokens=tokens)
 
 
-_GENERATORS: dict[tuple, Generator] = {}
-
-
-def get_generator(ctx: RunContext, model_path: str) -> Generator:
-    """A long-lived generator per (engine, run): later iterations reload weights in place."""
-    from opd_tasks.engines import make_generator
+def get_generator(ctx: RunContext, model_path: str, stage: str = "rollout") -> Generator:
+    """The run's rollout engine (engines/lifecycle.ENGINES), on the GPUs of placement.rollout; kept
+    while no other stage needs its GPUs, weights reloaded in place for a new checkpoint."""
+    from opd_tasks.engines.lifecycle import ENGINES
+    from opd_tasks.engines.pool import build_engine
+    from opd_tasks.placement import runtime_plan
     r = ctx.cfg.rollout
-    key = (r.engine, ctx.run_dir)
-    gen = _GENERATORS.get(key)
-    if gen is None:
-        opts = {"dtype": ctx.cfg.student.dtype, "token_budget": r.token_budget, "vllm": r.vllm,
-                "url": r.url, "max_concurrency": r.max_concurrency,
-                "trust_remote_code": ctx.cfg.student.trust_remote_code}
-        gen = _GENERATORS[key] = make_generator(r.engine, model_path, **opts)
-        gen._opd_path = model_path
-    elif getattr(gen, "_opd_path", None) != model_path:
+    placed = runtime_plan(ctx.cfg).find("rollout", "rollout")
+    opts = {"dtype": ctx.cfg.student.dtype, "token_budget": r.token_budget, "vllm": r.vllm,
+            "url": r.url, "max_concurrency": r.max_concurrency,
+            "trust_remote_code": ctx.cfg.student.trust_remote_code}
+    sleep = ctx.cfg.placement.sleep_mode == "auto"
+    gen = ENGINES.get(stage, ("rollout", r.engine, ctx.run_dir),
+                      lambda: build_engine(r.engine, model_path, opts, placed, "rollout", ctx.run_dir, sleep=sleep),
+                      set(placed.gpus), sleep=sleep)
+    if getattr(gen, "_opd_path", model_path) != model_path:
         gen.load_weights(model_path)
-        gen._opd_path = model_path
+    gen._opd_path = model_path
     return gen
 
 

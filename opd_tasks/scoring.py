@@ -5,7 +5,7 @@
     recombine(table, mode, teachers)  # new combined teacher_logp from stored per-teacher columns
 
 Scored part k is made from rollout part k, so an interrupted stage resumes at the first missing
-part. Teachers are loaded once per process and kept across iterations (they do not change).
+part. Teachers are kept across iterations while no other stage needs their GPUs (engines/lifecycle.py).
 """
 from __future__ import annotations
 
@@ -189,28 +189,36 @@ def check_tokenizers(cfg: RunConfig, student: str, with_ref: bool, ref_path: str
     return fp
 
 
-_SCORERS: dict[tuple, Scorer] = {}
+def scoring_engine(cfg: RunConfig, url: str | None) -> str:
+    """A teacher with a url is served by that running server (engine remote), unless scoring is hf."""
+    return "remote" if url and cfg.scoring.engine != "hf" else cfg.scoring.engine
 
 
-def get_scorers(cfg: RunConfig, with_ref: bool, ref_path: str) -> dict[str, Scorer]:
-    """Teachers (and the references) loaded once per process, each distinct model once;
+def get_scorers(cfg: RunConfig, with_ref: bool, ref_path: str, run_dir: str | None = None) -> dict[str, Scorer]:
+    """Teachers (and the references, each distinct model once) on their placement.teachers /
+    placement.reference GPUs, kept in engines/lifecycle.ENGINES while no other stage needs those GPUs;
     scoring.engine picks the backend."""
-    from opd_tasks.engines import make_scorer
-    s = cfg.scoring
-    wanted = [(t.name, t.path, t.dtype, t.trust_remote_code, t.url) for t in cfg.teachers]
+    from opd_tasks.engines.lifecycle import ENGINES
+    from opd_tasks.engines.pool import build_engine
+    from opd_tasks.placement import runtime_plan
+    s, sleep = cfg.scoring, cfg.placement.sleep_mode == "auto"
+    plan = runtime_plan(cfg)
+    wanted = [(t.name, f"teacher {t.name}", t.path, t.dtype, t.trust_remote_code, t.url) for t in cfg.teachers]
     if with_ref:
         r = cfg.reference or cfg.student
-        wanted.append((REF, ref_path, r.dtype, r.trust_remote_code, None))
+        wanted.append((REF, "reference", ref_path, r.dtype, r.trust_remote_code, None))
         for key, m in dict(references(cfg, ref_path).values()).items() if cfg.combination == "route" else ():
-            if key != REF:
-                wanted.append((key, m.path, m.dtype, m.trust_remote_code, None))
+            if key != REF:  # a teacher's own reference: on the run reference's GPUs (not in the plan yet)
+                wanted.append((key, "reference", m.path, m.dtype, m.trust_remote_code, None))
     out = {}
-    for name, path, dtype, trc, url in wanted:
-        key = (s.engine, path, dtype, url)
-        if key not in _SCORERS:
-            _SCORERS[key] = make_scorer(s.engine, path, dtype=dtype, token_budget=s.token_budget, vllm=s.vllm,
-                                        url=url, max_concurrency=s.max_concurrency, trust_remote_code=trc)
-        out[name] = _SCORERS[key]
+    for name, role, path, dtype, trc, url in wanted:
+        engine = scoring_engine(cfg, url)
+        placed = plan.find("scoring", role)
+        opts = dict(dtype=dtype, token_budget=s.token_budget, vllm=s.vllm, url=url,
+                    max_concurrency=s.max_concurrency, trust_remote_code=trc)
+        out[name] = ENGINES.get("scoring", ("scoring", engine, path, dtype, url),
+                                lambda: build_engine(engine, path, opts, placed, role, run_dir, scorer=True, sleep=sleep),
+                                set(placed.gpus), sleep=sleep)
     return out
 
 
@@ -232,7 +240,7 @@ def run_scoring(ctx: RunContext, iteration: int) -> StageResult:
     tokens = 0
     if todo:
         fingerprint = check_tokenizers(cfg, student, with_ref, ctx.reference_path)
-        scorers = get_scorers(cfg, with_ref, ctx.reference_path)
+        scorers = get_scorers(cfg, with_ref, ctx.reference_path, ctx.run_dir)
         prov = build_provenance("scored", iteration=iteration, config_hash=ctx.config_hash,
                                 teachers=teacher_provenance(cfg), combination=cfg.combination,
                                 tokenizer_path=student, tokenizer_fingerprint=fingerprint,
