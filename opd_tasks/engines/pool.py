@@ -81,13 +81,13 @@ class ReplicaPool:
 
 
 def start_pool(kind: str, model_path: str, opts: dict, gpus: list[int], tp: int, dp: int, name: str,
-               run_dir: str | None = None, log_dir: str | None = None) -> ReplicaPool:
+               run_dir: str | None = None, log_dir: str | None = None, scorer: bool = False) -> ReplicaPool:
     """dp replicas of `kind` on gpus (replica r: gpus[r*tp:(r+1)*tp]; none on CPU), started at once."""
     names = [f"{name} replica {r}/{dp}" for r in range(dp)]
 
     def start(r: int) -> EngineProcess:
         return EngineProcess(kind, model_path, opts, gpus=gpus[r * tp:(r + 1) * tp], name=names[r],
-                             run_dir=run_dir, log_dir=log_dir)
+                             run_dir=run_dir, log_dir=log_dir, scorer=scorer)
 
     with ThreadPoolExecutor(dp) as ex:
         futures = [ex.submit(start, r) for r in range(dp)]
@@ -116,4 +116,5 @@ def build_engine(kind: str, model_path: str, opts: dict, placed, name: str, run_
     if sleep:  # the replica turns it on only where vLLM has sleep mode (CUDA)
         opts["enable_sleep_mode"] = True
     dp, tp = (placed.dp, placed.tp) if placed is not None else (1, 1)
-    return start_pool(kind, model_path, opts, placed.gpus if placed is not None else [], tp, dp, name, run_dir)
+    return start_pool(kind, model_path, opts, placed.gpus if placed is not None else [], tp, dp, name, run_dir,
+                      scorer=scorer)

@@ -52,7 +52,8 @@ class EngineProcess:
     """A Generator/Scorer whose engine (make_generator(kind, path, **opts)) lives in a child process."""
 
     def __init__(self, kind: str, model_path: str, opts: dict[str, Any], gpus: list[int] | None = None,
-                 name: str = "engine", run_dir: str | None = None, log_dir: str | None = None):
+                 name: str = "engine", run_dir: str | None = None, log_dir: str | None = None,
+                 scorer: bool = False):
         self.name, self.kind, self.model_path, self.gpus = name, kind, model_path, list(gpus or [])
         self._pending = False
         authkey = secrets.token_bytes(16)
@@ -65,7 +66,8 @@ class EngineProcess:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / (name.replace(" ", "-").replace("/", "of") + ".log")
         self._log = open(self.log_path, "ab")
-        spec = json.dumps({"kind": kind, "model_path": model_path, "opts": opts, "name": name})
+        spec = json.dumps({"kind": kind, "model_path": model_path, "opts": opts, "name": name,
+                           "scorer": scorer})
         self.proc = subprocess.Popen([sys.executable, "-m", "opd_tasks.engines.replica", self._listener.address, spec],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.pid = self.proc.pid

@@ -2,7 +2,8 @@
 
     python -m opd_tasks.engines.replica SOCKET_PATH SPEC_JSON    (OPD_ENGINE_AUTHKEY in the environment)
 
-SPEC: {"kind": "vllm" | "hf", "model_path": DIR, "opts": {...make_generator options}, "name": ...}.
+SPEC: {"kind": "vllm" | "hf", "model_path": DIR, "opts": {...make_generator options}, "name": ...,
+"scorer": build make_scorer's engine (hf has separate classes; a vllm engine does both)}.
 Requests are (method, args) with method in generate / score / load_weights / can_sleep / sleep /
 wake_up / close; answers ("ok", result) or ("error", (type name, message)). The process dies with
 its parent (PR_SET_PDEATHSIG) and exits when the connection closes, so a SIGKILLed opd leaves no
@@ -60,7 +61,7 @@ class _Sleepy:
 
 
 def _build(spec: dict):
-    from opd_tasks.engines import make_generator
+    from opd_tasks.engines import make_generator, make_scorer
     opts = dict(spec["opts"])
     sleep = bool(opts.pop("enable_sleep_mode", False))
     if sleep and spec["kind"] == "vllm":
@@ -69,7 +70,7 @@ def _build(spec: dict):
             opts.setdefault("vllm", {})["enable_sleep_mode"] = True
         else:
             sleep = False
-    engine = make_generator(spec["kind"], spec["model_path"], **opts)
+    engine = (make_scorer if spec.get("scorer") else make_generator)(spec["kind"], spec["model_path"], **opts)
     engine.sleep_enabled = sleep
     return engine
 
