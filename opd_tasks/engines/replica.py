@@ -6,7 +6,7 @@ SPEC: {"kind": "vllm" | "hf", "model_path": DIR, "opts": {...make_generator opti
 "scorer": build make_scorer's engine (hf has separate classes; a vllm engine does both)}.
 Requests are (method, args) with method in generate / score / load_weights / can_sleep / sleep /
 wake_up / close; answers ("ok", result) or ("error", (type name, message)). The process dies with
-its parent (PR_SET_PDEATHSIG) and exits when the connection closes, so a SIGKILLed opd leaves no
+its parent (a watchdog on getppid) and exits when the connection closes, so a SIGKILLed opd leaves no
 engine behind (and `clean_orphans` catches the rest).
 """
 from __future__ import annotations
@@ -20,13 +20,21 @@ import traceback
 from storage.faults import fault_point
 
 
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+def _die_with_parent(interval: float = 0.5) -> None:
+    """A watchdog thread: when the opd process that started us is gone, end our process group (us and
+    whatever the engine started). Not PR_SET_PDEATHSIG: that fires when the *thread* that started
+    the process exits, and engines are started from worker threads."""
+    import threading
+    import time
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="opd-parent-watchdog").start()
 
 
 def rebuild_error(payload, name: str) -> Exception:
@@ -93,9 +101,10 @@ def main(address: str, spec_json: str) -> int:
         try:
             method, args = conn.recv()
         except (EOFError, OSError):  # the parent is gone
-            return 0
-        if method == "close":
-            return 0
+            os._exit(0)
+        if method == "close":  # no engine shutdown: ending the process is the release (and fast)
+            sys.stdout.flush()
+            os._exit(0)
         fault_point("replica.request")
         try:
             if method in ("can_sleep", "sleep", "wake_up"):
