@@ -222,8 +222,9 @@ def get_scorers(cfg: RunConfig, with_ref: bool, ref_path: str, run_dir: str | No
     return out
 
 
-def run_scoring(ctx: RunContext, iteration: int) -> StageResult:
-    """Write the scored stage of `iteration` from its rollout stage (finished parts are kept)."""
+def run_scoring(ctx: RunContext, iteration: int, scorers: Mapping[str, Scorer] | None = None) -> StageResult:
+    """Write the scored stage of `iteration` from its rollout stage (finished parts are kept).
+    scorers: {teacher name (and REF): Scorer} instead of the configured engines (scripts/gpu_smoke.py)."""
     fs = ctx.layout.fs
     src, stage = ctx.stage_dir(iteration, "rollout"), ctx.stage_dir(iteration, "scored")
     t0 = time.perf_counter()
@@ -240,7 +241,7 @@ def run_scoring(ctx: RunContext, iteration: int) -> StageResult:
     tokens = 0
     if todo:
         fingerprint = check_tokenizers(cfg, student, with_ref, ctx.reference_path)
-        scorers = get_scorers(cfg, with_ref, ctx.reference_path, ctx.run_dir)
+        scorers = scorers or get_scorers(cfg, with_ref, ctx.reference_path, ctx.run_dir)
         prov = build_provenance("scored", iteration=iteration, config_hash=ctx.config_hash,
                                 teachers=teacher_provenance(cfg), combination=cfg.combination,
                                 tokenizer_path=student, tokenizer_fingerprint=fingerprint,

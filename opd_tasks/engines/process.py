@@ -6,7 +6,8 @@ free its memory.
     rep.submit("generate", prompt_ids, 4, sampling); samples = rep.result()   # or rep.call(...)
     rep.close()                                   # ends the process group (releases its memory)
 
-The child (`python -m opd_tasks.engines.replica`) runs in its own session, so tearing down its
+The child (`python -m opd_tasks.engines.replica`, with the interpreter OPD_ENGINE_PYTHON when set: vLLM
+may live in its own virtualenv, apart from the flow's Prefect) runs in its own session, so tearing down its
 process group also ends what the engine started (vLLM workers). CUDA_VISIBLE_DEVICES is set to the
 replica's GPUs (see visible_devices; on CPU the ids are slots for the lifecycle rules only). A replica that dies is an EngineProcessError naming it, its pid and its log's tail;
 every stage writes parts atomically, so `opd resume` continues once the cause is fixed.
@@ -68,7 +69,8 @@ class EngineProcess:
         self._log = open(self.log_path, "ab")
         spec = json.dumps({"kind": kind, "model_path": model_path, "opts": opts, "name": name,
                            "scorer": scorer})
-        self.proc = subprocess.Popen([sys.executable, "-m", "opd_tasks.engines.replica", self._listener.address, spec],
+        python = os.environ.get("OPD_ENGINE_PYTHON") or sys.executable
+        self.proc = subprocess.Popen([python, "-m", "opd_tasks.engines.replica", self._listener.address, spec],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.pid = self.proc.pid
         register_process(self.pid, run_dir, name)
