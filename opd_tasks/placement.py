@@ -267,8 +267,8 @@ def make_plan(cfg, gpus: int | None = None, gpu_memory_gib: float | None = None,
             for g in p.gpus:
                 per_gpu[g] = per_gpu.get(g, 0.0) + p.reserved_gib
         for g, total in sorted(per_gpu.items()):
-            if total > mem + 1e-9 and stage != "eval":
-                who = [p.role for p, _, _ in gpu_members if g in p.gpus]
+            who = [p.role for p, _, _ in gpu_members if g in p.gpus]
+            if total > mem + 1e-9 and stage != "eval" and len(who) > 1:  # one alone: reported above
                 errors.append(f"{stage}: GPU {g} would hold {total:.1f} GiB ({', '.join(who)}), more than {mem:g} "
                               f"GiB; give them different GPUs (placement) or lower gpu_memory_utilization")
         out[stage] = [p for p, _ in members]

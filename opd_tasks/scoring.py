@@ -210,16 +210,17 @@ def get_scorers(cfg: RunConfig, with_ref: bool, ref_path: str, run_dir: str | No
         for key, m in dict(references(cfg, ref_path).values()).items() if cfg.combination == "route" else ():
             if key != REF:  # a teacher's own reference: on the run reference's GPUs (not in the plan yet)
                 wanted.append((key, "reference", m.path, m.dtype, m.trust_remote_code, None))
-    out = {}
+    specs = []
     for name, role, path, dtype, trc, url in wanted:
         engine = scoring_engine(cfg, url)
         placed = plan.find("scoring", role)
         opts = dict(dtype=dtype, token_budget=s.token_budget, vllm=s.vllm, url=url,
                     max_concurrency=s.max_concurrency, trust_remote_code=trc)
-        out[name] = ENGINES.get("scoring", ("scoring", engine, path, dtype, url),
-                                lambda: build_engine(engine, path, opts, placed, role, run_dir, scorer=True, sleep=sleep),
-                                set(placed.gpus), sleep=sleep)
-    return out
+        build = (lambda e=engine, p=path, o=opts, pl=placed, r=role:
+                 build_engine(e, p, o, pl, r, run_dir, scorer=True, sleep=sleep))
+        specs.append((("scoring", engine, path, dtype, url), build, set(placed.gpus)))
+    engines = ENGINES.get_many("scoring", specs, sleep=sleep)  # started side by side
+    return {w[0]: e for w, e in zip(wanted, engines)}
 
 
 def run_scoring(ctx: RunContext, iteration: int, scorers: Mapping[str, Scorer] | None = None) -> StageResult:

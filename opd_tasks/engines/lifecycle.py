@@ -69,6 +69,33 @@ class EngineRegistry:
         self.events.append(("start", stage, str(key)))
         return engine
 
+    def get_many(self, stage: str, wanted: list[tuple[tuple, Callable[[], Any], set[int]]],
+                 sleep: bool = False) -> list[Any]:
+        """get() for several engines of one stage [(key, build, gpus)]: the missing ones are built at
+        the same time (a stage's engines start in parallel, each in its own process)."""
+        self.enter(stage, set().union(*(set(g or ()) for _, _, g in wanted)) if wanted else set())
+        missing = {k: (b, set(g or ())) for k, b, g in wanted if k not in self._entries}
+        if len(missing) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            install_sigterm_handler()
+            with ThreadPoolExecutor(len(missing)) as ex:
+                futures = {k: ex.submit(b) for k, (b, _) in missing.items()}
+            built, errors = {}, []
+            for k, f in futures.items():
+                try:
+                    built[k] = f.result()
+                except Exception as err:  # noqa: BLE001
+                    errors.append(err)
+            if errors:
+                for engine in built.values():
+                    getattr(engine, "close", lambda: None)()
+                raise errors[0]
+            for k, engine in built.items():
+                self._entries[k] = _Entry(stage, k, engine, missing[k][1], False)
+                setattr(engine, "_opd_sleep", sleep)
+                self.events.append(("start", stage, str(k)))
+        return [self.get(stage, k, b, g, sleep) for k, b, g in wanted]
+
     def enter(self, stage: str, gpus: set[int] | None) -> None:
         """Before `stage` runs on `gpus`: release every other stage's engine holding any of them."""
         gpus = set(gpus or ())
