@@ -85,6 +85,14 @@ def test_registry_releases_other_stages_engines_on_shared_gpus():
     cpu = reg.get("rollout", ("hf",), Fake, set())         # host memory only: nothing to release for
     reg.enter("train", {0})
     assert reg.live() == [("rollout", ("hf",))] and cpu is not None
+    many = reg.get_many("scoring", [(("a",), Fake, {0}), (("b",), Fake, {1}), (("a",), Fake, {0})])
+    assert many[0] is many[2] and many[0] is not many[1] and len(reg.live()) == 3
+
+    def broken():
+        raise RuntimeError("no such model")
+    with pytest.raises(RuntimeError, match="no such model"):  # the engines started with it are ended
+        reg.get_many("eval", [(("c",), Fake, {5}), (("d",), broken, {6})])
+    assert Fake.closed == 4 and ("eval", ("c",)) not in reg.live()
 
 
 _PARENT = textwrap.dedent("""
