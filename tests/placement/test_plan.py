@@ -43,7 +43,7 @@ def test_size_comes_from_config_json_when_the_directory_exists(tmp_path):
     """A real transformers model's parameter count equals the config.json formula."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
     cfg = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=False)
     model = Qwen3ForCausalLM(cfg)
     model.config.save_pretrained(tmp_path)
     arch = model_arch(type("M", (), {"path": str(tmp_path), "params": None})(), "student")
