@@ -201,7 +201,8 @@ def generate_offline(cfg, fs, stage: str, *, model: str, prompts: int, group_siz
     off-TEACHER-PROMPT_ID-gG. Part k holds one teacher's prompts; its seed is a function of (run
     seed, k), so a resumed stage writes exactly the missing parts. cfg: a resolved RunConfig.
     generator_factory(teacher) -> Generator replaces the engine (tests)."""
-    from opd_tasks.engines import make_generator
+    from opd_tasks.engines.lifecycle import ENGINES
+    from opd_tasks.engines.pool import build_engine
     from opd_tasks.scoring import check_tokenizers
 
     t0 = time.perf_counter()
@@ -231,11 +232,14 @@ def generate_offline(cfg, fs, stage: str, *, model: str, prompts: int, group_siz
         if k in done:
             continue
         if gen_of is not teacher:  # one teacher's engine at a time
-            gen = None  # release the previous teacher's engine before loading the next
+            getattr(gen, "close", lambda: None)()  # end the previous teacher's engine (process) first
+            gen, placed = None, _teacher_placement(cfg, teacher)
+            ENGINES.enter("offline-generate", set(placed.gpus))  # and other stages' engines on its GPUs
             gen = (generator_factory(teacher) if generator_factory else
-                   make_generator(r.engine, teacher.path, dtype=teacher.dtype, token_budget=r.token_budget,
-                                  vllm=r.vllm, url=teacher.url, max_concurrency=r.max_concurrency,
-                                  trust_remote_code=teacher.trust_remote_code))
+                   build_engine(r.engine, teacher.path, dict(dtype=teacher.dtype, token_budget=r.token_budget,
+                                vllm=r.vllm, url=teacher.url, max_concurrency=r.max_concurrency,
+                                trust_remote_code=teacher.trust_remote_code),
+                                placed, f"teacher {teacher.name}"))
             gen_of = teacher
         sampling = SamplingParams(temperature=temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=max_new,
                                   seed=part_seed(cfg.seed, 1 << 20, k))
@@ -249,6 +253,7 @@ def generate_offline(cfg, fs, stage: str, *, model: str, prompts: int, group_siz
         done[k] = write_part(fs, stage, k, part, prov, vocab_size=len(tokenizer))
         fault_point("rollout.part")
         log.info("offline generation part %d/%d (%s): %d samples", k + 1, len(parts), teacher.name, part.num_rows)
+    getattr(gen, "close", lambda: None)()
     m = commit_parts(fs, stage, "rollout", done, config_hash,
                      inputs={"prompts": cfg.data.train, "model": model,
                              "teachers": {t.name: t.path for t, _ in plan}},
@@ -256,6 +261,12 @@ def generate_offline(cfg, fs, stage: str, *, model: str, prompts: int, group_siz
                             "temperature": temperature, "max_new_tokens": max_new})
     return StageResult(stage="offline-rollout", iteration=OFFLINE_ITERATION, rows=m.rows,
                        seconds=time.perf_counter() - t0, tokens=tokens)
+
+
+def _teacher_placement(cfg, teacher):
+    """A teacher sampling (offline phase) runs on its scoring GPUs (placement.teachers.NAME)."""
+    from opd_tasks.placement import runtime_plan
+    return runtime_plan(cfg).find("scoring", f"teacher {teacher.name}")
 
 
 def run_offline_generation(ctx: RunContext, generator_factory=None) -> StageResult:
