@@ -81,6 +81,8 @@ def run(
 ) -> None:
     """Run the configured iterations; an existing run directory is resumed where it stands."""
     from flows.run import run_from_config
+    from opd_tasks.engines.lifecycle import install_sigterm_handler
+    install_sigterm_handler()  # SIGTERM ends the engines this run starts, then exits 143
     try:
         run_from_config(config, run_dir=run_dir, iterations=iterations, plan_check=not no_plan)
     except _user_errors() as err:
@@ -95,6 +97,8 @@ def resume(
 ) -> None:
     """Continue a stopped or failed run at the first stage that did not finish."""
     from flows.run import resume_run
+    from opd_tasks.engines.lifecycle import install_sigterm_handler
+    install_sigterm_handler()
     try:
         resume_run(run_dir, iterations=iterations, plan_check=not no_plan)
     except _user_errors() as err:
