@@ -1,7 +1,7 @@
 """How big a model is, for `opd plan`: parameters and the shape facts memory estimates need.
 
     arch = model_arch(cfg.teachers[0], field="teachers[0]")
-    arch.params, arch.source          # 8.19e9, "config.json" | "declared (teachers[0].params)" | "known sizes (qwen3-8b)"
+    arch.params, arch.source   # 8.19e9, "config.json" | "declared (teachers[0].params)" | "known sizes (qwen3-8b)"
     arch.kv_bytes_per_token("bfloat16")
 
 Sources, first that applies: the model directory's config.json (when the path is a readable local

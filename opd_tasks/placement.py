@@ -69,8 +69,10 @@ class Plan:
     stages: dict[str, list[Placed]]
     errors: list[str]
 
-    def find(self, stage: str, role: str) -> Placed:
-        return next(p for p in self.stages[stage] if p.role == role)
+    def find(self, stage: str, role: str) -> Placed | None:
+        """The placed role of a stage (None: the plan has no such role, e.g. a reference the loss
+        does not read; its engine then runs unplaced: no GPU ids, one replica)."""
+        return next((p for p in self.stages.get(stage, []) if p.role == role), None)
 
     def raise_if_unfit(self, source: str = "config") -> None:
         if self.errors:

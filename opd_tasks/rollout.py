@@ -147,7 +147,7 @@ def get_generator(ctx: RunContext, model_path: str, stage: str = "rollout") -> G
     sleep = ctx.cfg.placement.sleep_mode == "auto"
     gen = ENGINES.get(stage, ("rollout", r.engine, ctx.run_dir),
                       lambda: build_engine(r.engine, model_path, opts, placed, "rollout", ctx.run_dir, sleep=sleep),
-                      set(placed.gpus), sleep=sleep)
+                      set(placed.gpus if placed else ()), sleep=sleep)
     if getattr(gen, "_opd_path", model_path) != model_path:
         gen.load_weights(model_path)
     gen._opd_path = model_path
@@ -234,7 +234,7 @@ def generate_offline(cfg, fs, stage: str, *, model: str, prompts: int, group_siz
         if gen_of is not teacher:  # one teacher's engine at a time
             getattr(gen, "close", lambda: None)()  # end the previous teacher's engine (process) first
             gen, placed = None, _teacher_placement(cfg, teacher)
-            ENGINES.enter("offline-generate", set(placed.gpus))  # and other stages' engines on its GPUs
+            ENGINES.enter("offline-generate", set(placed.gpus if placed else ()))  # other engines on its GPUs go
             gen = (generator_factory(teacher) if generator_factory else
                    build_engine(r.engine, teacher.path, dict(dtype=teacher.dtype, token_budget=r.token_budget,
                                 vllm=r.vllm, url=teacher.url, max_concurrency=r.max_concurrency,

@@ -218,7 +218,7 @@ def get_scorers(cfg: RunConfig, with_ref: bool, ref_path: str, run_dir: str | No
                     max_concurrency=s.max_concurrency, trust_remote_code=trc)
         build = (lambda e=engine, p=path, o=opts, pl=placed, r=role:
                  build_engine(e, p, o, pl, r, run_dir, scorer=True, sleep=sleep))
-        specs.append((("scoring", engine, path, dtype, url), build, set(placed.gpus)))
+        specs.append((("scoring", engine, path, dtype, url), build, set(placed.gpus if placed else ())))
     engines = ENGINES.get_many("scoring", specs, sleep=sleep)  # started side by side
     return {w[0]: e for w, e in zip(wanted, engines)}
 

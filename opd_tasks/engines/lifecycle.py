@@ -234,4 +234,5 @@ def release_for_stage(cfg, stage: str) -> None:
     """Before the train / eval stage: release other stages' engines on the GPUs it runs on."""
     from opd_tasks.placement import runtime_plan
     role = {"train": "trainer", "eval": "student"}[stage]
-    ENGINES.enter(stage, set(runtime_plan(cfg).find(stage, role).gpus))
+    placed = runtime_plan(cfg).find(stage, role)
+    ENGINES.enter(stage, set(placed.gpus if placed else ()))

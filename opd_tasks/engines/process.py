@@ -9,7 +9,8 @@ free its memory.
 The child (`python -m opd_tasks.engines.replica`, with the interpreter OPD_ENGINE_PYTHON when set: vLLM
 may live in its own virtualenv, apart from the flow's Prefect) runs in its own session, so tearing down its
 process group also ends what the engine started (vLLM workers). CUDA_VISIBLE_DEVICES is set to the
-replica's GPUs (see visible_devices; on CPU the ids are slots for the lifecycle rules only). A replica that dies is an EngineProcessError naming it, its pid and its log's tail;
+replica's GPUs (see visible_devices; on CPU the ids are slots for the lifecycle rules only). A
+replica that dies is an EngineProcessError naming it, its pid and its log's tail;
 every stage writes parts atomically, so `opd resume` continues once the cause is fixed.
 """
 from __future__ import annotations
