@@ -71,29 +71,41 @@ class EngineRegistry:
 
     def get_many(self, stage: str, wanted: list[tuple[tuple, Callable[[], Any], set[int]]],
                  sleep: bool = False) -> list[Any]:
-        """get() for several engines of one stage [(key, build, gpus)]: the missing ones are built at
-        the same time (a stage's engines start in parallel, each in its own process)."""
+        """get() for several engines of one stage [(key, build, gpus)]: the missing vllm ones are built
+        at the same time (a stage's engines start in parallel, each in its own process)."""
         self.enter(stage, set().union(*(set(g or ()) for _, _, g in wanted)) if wanted else set())
         missing = {k: (b, set(g or ())) for k, b, g in wanted if k not in self._entries}
-        if len(missing) > 1:
+        # only engines in their own processes (vllm) start side by side: transformers' from_pretrained
+        # is not thread-safe (its meta-device init is process-wide: a model built in another thread at
+        # the same time came out with meta parameters); in-process ones are built one by one
+        side = [k for k in missing if k[1:2] == ("vllm",)]
+        side = side if len(side) > 1 else []
+        built, errors = {}, []
+        if side:
             from concurrent.futures import ThreadPoolExecutor
             install_sigterm_handler()
-            with ThreadPoolExecutor(len(missing)) as ex:
-                futures = {k: ex.submit(b) for k, (b, _) in missing.items()}
-            built, errors = {}, []
+            with ThreadPoolExecutor(len(side)) as ex:
+                futures = {k: ex.submit(missing[k][0]) for k in side}
             for k, f in futures.items():
                 try:
                     built[k] = f.result()
                 except Exception as err:  # noqa: BLE001
                     errors.append(err)
-            if errors:
-                for engine in built.values():
-                    getattr(engine, "close", lambda: None)()
-                raise errors[0]
-            for k, engine in built.items():
-                self._entries[k] = _Entry(stage, k, engine, missing[k][1], False)
-                setattr(engine, "_opd_sleep", sleep)
-                self.events.append(("start", stage, str(k)))
+        for k, (build, _) in missing.items():
+            if k in side or errors:
+                continue
+            try:
+                built[k] = build()
+            except Exception as err:  # noqa: BLE001
+                errors.append(err)
+        if errors:  # the engines started with it are ended
+            for engine in built.values():
+                getattr(engine, "close", lambda: None)()
+            raise errors[0]
+        for k, engine in built.items():
+            self._entries[k] = _Entry(stage, k, engine, missing[k][1], False)
+            setattr(engine, "_opd_sleep", sleep)
+            self.events.append(("start", stage, str(k)))
         return [self.get(stage, k, b, g, sleep) for k, b, g in wanted]
 
     def enter(self, stage: str, gpus: set[int] | None) -> None:
