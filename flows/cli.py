@@ -118,7 +118,8 @@ def _flow_command(command: str, call) -> None:
 @toy_app.command("build")
 def toy_build(
     out: Path = typer.Option(..., "--out", help="directory of the world (reused when already built)"),
-    size: str = typer.Option("demo", help="demo (the demo's world, ~5 min) or test (seconds, for tests)"),
+    size: str = typer.Option("demo", help="demo (the demo's world, ~5 min), test (seconds, for tests) or "
+                                           "strong-to-weak (the demo's student; teachers grown from a larger base)"),
     seed: int = typer.Option(0, help="everything in the world is a function of this seed"),
     force: bool = typer.Option(False, help="rebuild even when a complete world is there"),
 ) -> None:

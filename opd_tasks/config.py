@@ -268,7 +268,7 @@ class PlacementConfig(_Model):
 
 class ToyWorldConfig(_Model):
     dir: str = Field("~/.cache/opd/toy", description="where the world is built and cached")
-    size: Literal["demo", "test"] = "demo"
+    size: Literal["demo", "test", "strong-to-weak"] = "demo"
     seed: int = 0
 
 
