@@ -93,7 +93,7 @@ def test_misaligned_logprobs_are_refused():
     t = scored_table(n_prompts=2, group=1)
     bad = pa.array([[-1.0] * (len(r.as_py()) + 1) for r in t.column("response_ids")], pa.list_(pa.float32()))
     t = t.set_column(t.column_names.index("teacher_logp"), "teacher_logp", bad)
-    with pytest.raises(TrainError, match=r"'teacher_logp' row 0 has \d+ values for \d+ response tokens"):
+    with pytest.raises(TrainError, match=r"'teacher_logp' row 0 \(sample_id 's0'.*\) has \d+ values for \d+ response tokens"):
         rows_from_table(t, "src")
 
 
