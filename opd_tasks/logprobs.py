@@ -42,3 +42,30 @@ def gather_response(per_token: torch.Tensor, start: torch.Tensor, response_lens:
     idx = (start.unsqueeze(1) + j.unsqueeze(0)).clamp(max=L - 1)
     values = per_token.gather(1, idx) * mask
     return values, mask
+
+
+def topk_logp(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens of each row: logits [..., V] -> (ids [..., k] int64, log-probs [..., k]
+    float32), largest first, ties broken by the smaller token id (a stable sort: deterministic on
+    every device). Log-probs are logit - logsumexp in float32, the arithmetic of token_logp, so a
+    token's value here equals its token_logp value bit for bit."""
+    if not 0 < k <= logits.shape[-1]:
+        raise ValueError(f"top-k: k={k} must be in 1..{logits.shape[-1]} (the vocabulary size); fix scoring.top_k")
+    lg = logits.float()
+    lsm = lg - torch.logsumexp(lg, dim=-1, keepdim=True)
+    values, ids = torch.sort(lsm, dim=-1, descending=True, stable=True)
+    return ids[..., :k], values[..., :k]
+
+
+def gather_logp(logits: torch.Tensor, start: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The student's log-probs at given token ids of each response position (top-k distillation).
+
+    logits: [B, L, V] (with grad), start: [B] index of response token 0, ids: [B, R, K] int.
+    Returns [B, R, K] float32: log softmax(logits[b, start[b] - 1 + j])[ids[b, j, k]]; positions
+    past a row's end read a clamped position (mask them).
+    """
+    B, L, _ = logits.shape
+    R = ids.shape[1]
+    pos = (start.unsqueeze(1) - 1 + torch.arange(R, device=logits.device)).clamp(0, L - 1)  # [B, R]
+    lg = logits.gather(1, pos.unsqueeze(-1).expand(B, R, logits.shape[-1])).float()  # [B, R, V]
+    return lg.gather(-1, ids.long()) - torch.logsumexp(lg, dim=-1, keepdim=True)
