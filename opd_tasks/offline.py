@@ -128,7 +128,7 @@ def score_offline(cfg: RunConfig, input_path: str, output: str, rows_per_part: i
     prov = build_provenance("scored", iteration=None, config_hash=cfg.config_hash(), teachers=teacher_provenance(cfg),
                             combination=cfg.combination, tokenizer_path=student, tokenizer_fingerprint=fingerprint,
                             student_checkpoint=student, source=input_path, tokenization=how,
-                            reference=ref_path if with_ref else None)
+                            reference=ref_path if with_ref else None, top_k=cfg.scoring.top_k or None)
     per = rows_per_part or cfg.rollout.rows_per_part
     done = finished_parts(fs, stage, expect={"config_hash": cfg.config_hash()})
     scorers, tokens = None, 0
@@ -199,7 +199,8 @@ def run_offline_scoring(ctx: RunContext) -> StageResult:
         prov = build_provenance("scored", iteration=OFFLINE_ITERATION, config_hash=ctx.config_hash,
                                 teachers=teacher_provenance(cfg), combination=cfg.combination, tokenizer_path=student,
                                 tokenizer_fingerprint=fingerprint, student_checkpoint=None,
-                                engine=cfg.scoring.engine, source=rollout.extra.get("source"))
+                                engine=cfg.scoring.engine, source=rollout.extra.get("source"),
+                                top_k=cfg.scoring.top_k or None)
         for k, part in todo:
             table = score_table(read_part(fs, src, part), scorers, cfg, False)
             tokens += int(pc.sum(pc.list_value_length(table.column("response_ids"))).as_py() or 0)
