@@ -21,6 +21,7 @@ from opd_tasks.trainer import TrainError
 from storage.columns import flat_logp
 
 TEACHER_PREFIX = "teacher_logp."
+TOPK_IDS, TOPK_LOGP = "teacher_topk_ids.", "teacher_topk_logp."  # = storage.columns' prefixes
 
 
 @dataclass
@@ -40,6 +41,10 @@ class Rows:
     advantages: torch.Tensor | None = None
     teachers: list[str] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)  # the scored stage's (Parquet metadata), {} if none
+    top_k: int = 0  # loss.kind=topk: K, and per teacher taking part ids/logp [R_i * K] and row weights [N]
+    topk_ids: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    topk_logp: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    topk_weight: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -70,10 +75,12 @@ def _lists(table: pa.Table, name: str, source: str, dtype,
 
 
 def rows_from_table(table: pa.Table, source: str, *, need_ref: bool = False, need_reward: bool = False,
-                    need_behaviour: bool = True) -> Rows:
+                    need_behaviour: bool = True, topk_weights: dict[str, np.ndarray] | None = None) -> Rows:
     """Build Rows from a scored table; errors name `source` (the scored dir), the column and the fix.
 
     behaviour_logp may be null in every row (offline data) when need_behaviour is False (no TIS).
+    topk_weights (loss.kind=topk): per teacher its [N] row weights (combine.topk_row_weights); the
+    top-k columns of the teachers with any weight > 0 are read, K from the provenance's top_k.
     """
     if table.num_rows == 0:
         raise TrainError(f"{source}: the scored stage has no rows; nothing to train on "
@@ -122,11 +129,34 @@ def rows_from_table(table: pa.Table, source: str, *, need_ref: bool = False, nee
             raise TrainError(f"{source}: column 'reward' has {r.null_count} null rows; loss.kind=kdrl needs a "
                              f"verifier reward for every sample (check data.train's answers/domains)")
         rewards = torch.from_numpy(np.asarray(r.to_numpy(zero_copy_only=False), dtype=np.float32).copy())
-    return Rows(
+    rows = Rows(
         input_ids=[torch.from_numpy(np.concatenate([p, r])) for p, r in zip(prompts, responses)],
         start=torch.from_numpy(plen.copy()), response_len=torch.from_numpy(rlen.copy()),
         token=token, rewards=rewards, prompt_ids=[str(p) for p in table.column("prompt_id").to_pylist()],
         teachers=teachers, provenance=_provenance(table))
+    if topk_weights is not None:
+        _read_topk(rows, table, source, topk_weights, rlen)
+    return rows
+
+
+def _read_topk(rows: Rows, table: pa.Table, source: str, weights: dict[str, np.ndarray], rlen: np.ndarray) -> None:
+    k = rows.provenance.get("top_k") or 0
+    names = [n for n, w in sorted(weights.items()) if (np.asarray(w) > 0).any()]
+    missing = [p + n for n in names for p in (TOPK_IDS, TOPK_LOGP) if p + n not in table.column_names]
+    if not k or missing:
+        raise TrainError(f"{source}: loss.kind=topk needs the teachers' top-k, but the scored shards have "
+                         f"{'no top_k in their provenance' if not k else f'no column(s) {missing}'}; set scoring.top_k: K "
+                         f"(> 0) and re-score (delete this scored directory, then opd resume)")
+    rows.top_k = k
+    for n in names:
+        ids, n_ids = _lists(table, TOPK_IDS + n, source, np.int64)
+        lp, _ = _lists(table, TOPK_LOGP + n, source, np.float32)
+        if (n_ids != rlen * k).any():
+            raise TrainError(f"{source}: column {TOPK_IDS + n!r} does not hold top_k={k} values per response token; "
+                             f"re-run scoring for this iteration")
+        rows.topk_ids[n] = [torch.from_numpy(v.reshape(-1, k)) for v in ids]
+        rows.topk_logp[n] = [torch.from_numpy(v.reshape(-1, k)) for v in lp]
+        rows.topk_weight[n] = torch.as_tensor(np.asarray(weights[n], dtype=np.float32))
 
 
 def _provenance(table: pa.Table) -> dict:
@@ -194,7 +224,8 @@ def collate(rows: Rows, idx: list[int], token_names: Iterable[str] | None = None
 
     Returns input_ids/attention_mask [B, L]; start, response_len [B]; mask [B, R] bool; for every
     per-token column NAME in `token_names` (default: all of rows.token): NAME [B, R] float32
-    (0 on padding); rewards [B] and advantages [B] when present.
+    (0 on padding); rewards [B] and advantages [B] when present; with top-k rows, per teacher
+    teacher_topk_ids.NAME [B, R, K] int64, teacher_topk_logp.NAME [B, R, K], topk_weight.NAME [B].
     """
     L = int(rows.lengths[idx].max())
     R = int(rows.response_len[idx].max())
@@ -210,6 +241,13 @@ def collate(rows: Rows, idx: list[int], token_names: Iterable[str] | None = None
         r = int(rows.response_len[i])
         for name in names:
             out[name][b, :r] = rows.token[name][i]
+    for n in rows.topk_ids:  # [B, R, K]; padding: id 0 and log-prob 0 (the loss reads only masked-in tokens)
+        t_ids, t_lp = torch.zeros((B, R, rows.top_k), dtype=torch.long), torch.zeros((B, R, rows.top_k))
+        for b, i in enumerate(idx):
+            r = int(rows.response_len[i])
+            t_ids[b, :r], t_lp[b, :r] = rows.topk_ids[n][i], rows.topk_logp[n][i]
+        out[TOPK_IDS + n], out[TOPK_LOGP + n] = t_ids, t_lp
+        out["topk_weight." + n] = rows.topk_weight[n][torch.tensor(idx, dtype=torch.long)]
     sel = torch.tensor(idx, dtype=torch.long)
     out.update(input_ids=ids, attention_mask=att, start=rows.start[sel], response_len=rows.response_len[sel],
                mask=torch.arange(R).unsqueeze(0) < rows.response_len[sel].unsqueeze(1), rewards=rows.rewards[sel])

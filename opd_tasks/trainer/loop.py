@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from opd_tasks.logprobs import gather_response, token_logp
+from opd_tasks.logprobs import gather_logp, gather_response, token_logp
 from opd_tasks.losses import LossParams, compute_loss, group_advantages
 from opd_tasks.trainer import TrainError
 from opd_tasks.trainer.batching import Rows, collate, group_ids, mini_batches, rank_plan
@@ -46,11 +46,17 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
-def response_logp(model: torch.nn.Module, mb: dict, device: torch.device) -> torch.Tensor:
-    """s_t of a collated micro-batch: [B, R] float32 (0 on padding), with grad when enabled."""
+def response_logp(model: torch.nn.Module, mb: dict, device: torch.device, topk: dict | None = None) -> torch.Tensor:
+    """s_t of a collated micro-batch: [B, R] float32 (0 on padding), with grad when enabled.
+    topk (loss.kind=topk): a dict that receives topk_logp.NAME [B, R, K], the student's log-probs at
+    teacher NAME's stored ids (mb's teacher_topk_ids.NAME), from the same forward."""
     ids = mb["input_ids"].to(device)
     logits = model(input_ids=ids, attention_mask=mb["attention_mask"].to(device), use_cache=False).logits
-    values, _ = gather_response(token_logp(logits, ids), mb["start"].to(device), mb["response_len"].to(device))
+    start = mb["start"].to(device)
+    values, _ = gather_response(token_logp(logits, ids), start, mb["response_len"].to(device))
+    if topk is not None:
+        for key in [k for k in mb if k.startswith("teacher_topk_ids.")]:
+            topk["topk_logp." + key.split(".", 1)[1]] = gather_logp(logits, start, mb[key].to(device))
     return values
 
 
@@ -181,6 +187,8 @@ class _Metrics:
 def _loss_keys(params: LossParams, rows: Rows) -> list[str]:
     """The loss's metric names, from a 1-row dry call (identical on every rank)."""
     mb = _loss_batch(collate(rows, [0]), torch.zeros(1, int(rows.response_len[0])), params)
+    for n in rows.topk_ids:  # a uniform student over the K ids and the tail
+        mb["topk_logp." + n] = torch.full(mb["teacher_topk_logp." + n].shape, -math.log(rows.top_k + 1))
     return list(compute_loss(params, mb)[1])
 
 
@@ -232,11 +240,13 @@ def train_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ro
             optimizer.zero_grad(set_to_none=True)
             for idx in rank_plan(mini, rows.lengths, cfg.micro_batch_tokens, rank, world):
                 mb = collate(rows, idx or [int(mini[0])])
-                logp = response_logp(model, mb, device)
+                student_topk = {} if params.kind == "topk" else None
+                logp = response_logp(model, mb, device, student_topk)
                 if idx is None:  # dummy: same collectives as the other ranks, zero gradient
-                    (logp.sum() * 0.0).backward()
+                    (logp.sum() * 0.0 + sum(t.sum() * 0.0 for t in (student_topk or {}).values())).backward()
                     continue
-                loss, m = compute_loss(params, _loss_batch(mb, logp, params), normalizer=norm)
+                loss, m = compute_loss(params, {**_loss_batch(mb, logp, params), **(student_topk or {})},
+                                       normalizer=norm)
                 loss.backward()
                 acc.add(m)
                 counts += torch.tensor([float(mb["attention_mask"].sum()), float(mb["input_ids"].numel())],
