@@ -61,6 +61,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                         {"offline_share": 1.0}),
     "warm-start+opd": ("half the budget as the warm start, then OPD (routed) for the other half",
                        {"offline_share": 0.5}),
+    # Issue 18: distillation on the routed teacher's stored top-8 (tail bucket), alone or + the rkl
+    # sampled-token term (sampled_weight 1), same samples and steps as opd-route.
+    **{f"topk-{d}{'+s' if w else ''}": (f"top-8 {d} (tail bucket), routed{' + rkl sampled-token term' if w else ''}",
+                                       {"loss": {"kind": "topk", "divergence": d, "sampled_weight": w},
+                                        "scoring": {"top_k": 8}, "combination": "route"})
+       for d in ("fkl", "rkl", "jsd") for w in (0.0, 1.0)},
 }
 
 
