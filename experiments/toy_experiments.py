@@ -78,8 +78,11 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def variant_config(name: str, seed: int, iterations: int, epochs: int | None = None) -> dict:
+def variant_config(name: str, seed: int, iterations: int, epochs: int | None = None,
+                   world_dir: str | None = None) -> dict:
     base = yaml.safe_load(TOY.read_text())
+    if world_dir:  # a private toy world (the default ~/.cache one is shared by every run on the machine)
+        base["toy_world"]["dir"] = world_dir
     if epochs:
         base["train"]["epochs"] = epochs
     over = dict(VARIANTS[name][1])
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--iterations", type=int, default=None, help="default: configs/toy.yaml's")
     ap.add_argument("--epochs", type=int, default=None, help="train.epochs (default: configs/toy.yaml's)")
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--world-dir", default=None, help="toy_world.dir (default: configs/toy.yaml's)")
     ap.add_argument("--table", action="store_true", help="only rewrite OUT/results.md from OUT/results.json")
     args = ap.parse_args(argv)
     if args.table:
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:  # seed-major: every variant has one seed before any has two
         for name in names:
-            cfg = variant_config(name, seed, iterations, args.epochs)
+            cfg = variant_config(name, seed, iterations, args.epochs, args.world_dir)
             run_dir = out / cfg["name"]
             cfg_path = out / f"{cfg['name']}.yaml"
             cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
