@@ -82,7 +82,7 @@ def measure(teacher: str, prompts, responses, tmp: Path, name: str) -> dict:
             prov = build_provenance("scored", iteration=0, config_hash="b", teachers=[{"name": "t"}], top_k=k)
 
             def write(t, sink, **kw):
-                floats = [f.name for f in t.schema if "logp" in f.name]
+                floats = [f"{f.name}.list.element" for f in t.schema if "logp" in f.name]  # leaf paths
                 return orig(t, sink, **kw, use_byte_stream_split=floats if bss else False)
             shards.pq.write_table = write
             try:
