@@ -79,8 +79,10 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def variant_config(name: str, seed: int, iterations: int, epochs: int | None = None,
-                   world_dir: str | None = None) -> dict:
+                   world_dir: str | None = None, prompts: int | None = None) -> dict:
     base = yaml.safe_load(TOY.read_text())
+    if prompts:
+        base["rollout"]["prompts_per_iteration"] = prompts
     if world_dir:  # a private toy world (the default ~/.cache one is shared by every run on the machine)
         base["toy_world"]["dir"] = world_dir
     if epochs:
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--iterations", type=int, default=None, help="default: configs/toy.yaml's")
     ap.add_argument("--epochs", type=int, default=None, help="train.epochs (default: configs/toy.yaml's)")
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--prompts", type=int, default=None, help="rollout.prompts_per_iteration (default: toy.yaml's)")
     ap.add_argument("--world-dir", default=None, help="toy_world.dir (default: configs/toy.yaml's)")
     ap.add_argument("--table", action="store_true", help="only rewrite OUT/results.md from OUT/results.json")
     args = ap.parse_args(argv)
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:  # seed-major: every variant has one seed before any has two
         for name in names:
-            cfg = variant_config(name, seed, iterations, args.epochs, args.world_dir)
+            cfg = variant_config(name, seed, iterations, args.epochs, args.world_dir, args.prompts)
             run_dir = out / cfg["name"]
             cfg_path = out / f"{cfg['name']}.yaml"
             cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
