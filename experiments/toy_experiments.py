@@ -118,8 +118,10 @@ def summarize(run_dir: Path) -> dict:
     domains = {t["name"]: t.get("domain") for t in yaml.safe_load((run_dir / "run.yaml").read_text())["teachers"]}
     teacher_acc = {d: base["teachers"][n][d] for n, d in domains.items() if d and n in base["teachers"]}
     final = next(r["accuracy"] for r in reversed(rows) if r.get("accuracy"))
+    secs = [sum((r.get("seconds") or {}).values()) for r in rows if r["iteration"] >= 0 and r.get("seconds")]
     out = {"initial": base["student"], "final": final, "kl_final": rows[-1].get("kl"),
-           "iterations": sum(r["iteration"] >= 0 for r in rows)}
+           "iterations": sum(r["iteration"] >= 0 for r in rows),
+           "s_per_iteration": round(statistics.mean(secs), 1) if secs else None}
     out["teacher"] = teacher_acc
     out["fraction_of_teacher"] = {d: final[d] / teacher_acc[d] for d in final if teacher_acc.get(d)}  # taught domains
     return out
@@ -135,7 +137,7 @@ def _stat(values: list[float], fmt: str = ".3f") -> str:
 
 def table(results: dict[str, list[dict]], domains=("add", "rev")) -> str:
     head = ["variant", *(f"acc {d}" for d in domains), *(f"% of teacher {d}" for d in domains),
-            "KL adder (add)", "KL reverser (rev)", "seeds"]
+            "KL adder (add)", "KL reverser (rev)", "s / iteration", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in results.items():
         cells = [name]
@@ -144,6 +146,7 @@ def table(results: dict[str, list[dict]], domains=("add", "rev")) -> str:
                   for d in domains]
         cells += [_stat([r["kl_final"][t] for r in runs if (r["kl_final"] or {}).get(t) is not None])
                   for t in ("adder", "reverser")]
+        cells.append(_stat([r["s_per_iteration"] for r in runs if r.get("s_per_iteration")], ".0f"))
         cells.append(str(len(runs)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -169,8 +172,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--world-dir", default=None, help="toy_world.dir (default: configs/toy.yaml's)")
     ap.add_argument("--table", action="store_true", help="only rewrite OUT/results.md from OUT/results.json")
     args = ap.parse_args(argv)
-    if args.table:
+    if args.table:  # re-summarized from the run directories where they exist (new fields appear)
         doc = json.loads((Path(args.out) / "results.json").read_text())
+        for name, runs in doc["results"].items():
+            for i, r in enumerate(runs):
+                d = Path(args.out) / re.sub(r"[^A-Za-z0-9_-]", "_", f"exp-{name}-s{r['seed']}")
+                if (d / "baseline.json").exists():
+                    runs[i] = summarize(d) | {"seed": r["seed"], "wall_s": r.get("wall_s")}
         return write_results(Path(args.out), doc["results"], doc["iterations"], doc["seeds"])
     names = [n for n in args.only.split(",") if n] or list(VARIANTS)
     unknown = sorted(set(names) - set(VARIANTS))

@@ -45,16 +45,29 @@ def gather_response(per_token: torch.Tensor, start: torch.Tensor, response_lens:
 
 
 def topk_logp(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k most likely tokens of each row: logits [..., V] -> (ids [..., k] int64, log-probs [..., k]
-    float32), largest first, ties broken by the smaller token id (a stable sort: deterministic on
-    every device). Log-probs are logit - logsumexp in float32, the arithmetic of token_logp, so a
-    token's value here equals its token_logp value bit for bit."""
-    if not 0 < k <= logits.shape[-1]:
-        raise ValueError(f"top-k: k={k} must be in 1..{logits.shape[-1]} (the vocabulary size); fix scoring.top_k")
+    """The k most likely tokens of each row: logits [M, V] -> (ids [M, k] int64, log-probs [M, k]
+    float32), largest first, ties broken by the smaller token id (deterministic on every device).
+    Log-probs are logit - logsumexp in float32, the arithmetic of token_logp, so a token's value
+    here equals its token_logp value bit for bit.
+
+    torch.topk (O(V) per row), then its k candidates ordered by (-value, id); a row with a tie AT
+    the k-th value (more than k tokens >= it, where topk's pick would be arbitrary) takes a stable
+    full sort instead."""
+    if logits.dim() != 2 or not 0 < k <= logits.shape[-1]:
+        raise ValueError(f"top-k: need logits [M, V] and k in 1..V={logits.shape[-1]}, got shape "
+                         f"{tuple(logits.shape)} and k={k}; fix scoring.top_k")
     lg = logits.float()
     lsm = lg - torch.logsumexp(lg, dim=-1, keepdim=True)
-    values, ids = torch.sort(lsm, dim=-1, descending=True, stable=True)
-    return ids[..., :k], values[..., :k]
+    vals, ids = lsm.topk(k, dim=-1)
+    ids, order = ids.sort(dim=-1)  # by id, then stable by value: ties inside the k go to the smaller id
+    vals = vals.gather(-1, order)
+    vals, order = vals.sort(dim=-1, descending=True, stable=True)
+    ids = ids.gather(-1, order)
+    tied = (lsm >= vals[:, -1:]).sum(-1) > k
+    if bool(tied.any()):
+        full_v, full_i = torch.sort(lsm[tied], dim=-1, descending=True, stable=True)
+        vals[tied], ids[tied] = full_v[:, :k], full_i[:, :k]
+    return ids, vals
 
 
 def gather_logp(logits: torch.Tensor, start: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -293,6 +293,14 @@ def test_topk_ties_go_to_the_smaller_id_and_bad_k_is_named(scorer):
     logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 1.0, 2.0]])
     ids, lp = topk_logp(logits, 4)
     assert ids.tolist() == [[1, 3, 5, 2]] and lp[0, 0] == lp[0, 2]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):  # many ties, inside the k and at the k-th value: always a stable full sort's answer
+        V = int(torch.randint(2, 40, (1,), generator=g))
+        k = int(torch.randint(1, V + 1, (1,), generator=g))
+        x = torch.randint(-3, 3, (5, V), generator=g).float()
+        ref = torch.sort(x - torch.logsumexp(x, -1, keepdim=True), dim=-1, descending=True, stable=True)
+        ids, lp = topk_logp(x, k)
+        assert torch.equal(ids, ref.indices[:, :k]) and torch.equal(lp, ref.values[:, :k])
     with pytest.raises(EngineInputError, match="scoring.top_k"):
         scorer.score_topk([[1]], [[2]], VOCAB + 1)
     with pytest.raises(EngineInputError, match="scoring.top_k"):
