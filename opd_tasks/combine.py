@@ -158,7 +158,7 @@ def topk_row_weights(mode: str, weights: Mapping[str, float], domain_to_teacher:
     if mode != "route":
         raise CombinationError(f"combination={mode!r} is not one of {MODES}")
     domains = np.asarray(sample_domain, dtype=object)
-    _check_domains(domains, domain_to_teacher, "sample")
+    check_domains(domains, domain_to_teacher)
     out = {k: np.zeros(n) for k in weights}
     for domain, teacher in domain_to_teacher.items():
         out[teacher][domains == domain] = 1.0

@@ -14,10 +14,13 @@ def topk_teachers(table: pa.Table) -> list[str]:
 
 
 def add_topk(tokens: list[dict], table: pa.Table, row: int, k: int, decode: Callable[[list[int]], str | None]) -> None:
-    """tokens[p]["topk"] = {teacher: [{"token_id", "token", "logp"}, ...] largest first} for row `row`."""
+    """tokens[p]["topk"] = {teacher: [{"token_id", "token", "logp"}, ...] largest first} for row `row`
+    (teachers that did not score the row, under routed scoring, are left out)."""
     for name in topk_teachers(table):
         ids = table.column(TOPK_IDS_PREFIX + name)[row].as_py()
         lps = table.column(TOPK_LOGP_PREFIX + name)[row].as_py()
+        if ids is None or lps is None:
+            continue
         for p, tok in enumerate(tokens):
             alts = [{"token_id": i, "token": decode([i]), "logp": round(lp, 6)}
                     for i, lp in zip(ids[p * k:(p + 1) * k], lps[p * k:(p + 1) * k])]
@@ -28,7 +31,7 @@ def render_topk(con, sample: dict) -> None:
     """One table: per position and teacher, the alternatives ('*' marks the sampled token)."""
     from rich.table import Table
 
-    if not sample["tokens"] or "topk" not in sample["tokens"][0]:
+    if not sample["tokens"] or not sample["tokens"][0].get("topk"):
         return
     tab = Table(title=f"top-k alternatives of each teacher (sample {sample['sample_id']}; * = the sampled token)")
     for c in ("pos", "token", "teacher", "alternatives (log-prob)"):

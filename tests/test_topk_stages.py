@@ -36,6 +36,9 @@ def test_topk_scoring_training_and_inspect(tmp_path, tiny_world):
         for r, d, ids, lp, own in zip(responses, direct, t.column(f"teacher_topk_ids.{tc.name}").to_pylist(),
                                       t.column(f"teacher_topk_logp.{tc.name}").to_pylist(),
                                       t.column(f"teacher_logp.{tc.name}").to_pylist()):
+            if own is None:  # routed scoring: a teacher scores only its domain's rows, top-k null alike
+                assert ids is None and lp is None
+                continue
             ids, lp = np.asarray(ids).reshape(len(r), K), np.asarray(lp, np.float32).reshape(len(r), K)
             np.testing.assert_array_equal(ids, d.ids)  # position j: the top-k predicting response token j
             np.testing.assert_allclose(lp, d.topk_logp, rtol=0, atol=1e-5)  # other batches: float noise
@@ -44,7 +47,7 @@ def test_topk_scoring_training_and_inspect(tmp_path, tiny_world):
                 if hit.size:
                     hits += 1
                     assert lp[j, hit[0]] == np.float32(own[j])
-    assert hits > 5
+    assert hits >= 3
     res = run_training(ctx, 0)
     assert res.rows == t.num_rows
     import json
@@ -53,7 +56,8 @@ def test_topk_scoring_training_and_inspect(tmp_path, tiny_world):
     sid = t.column("sample_id")[0].as_py()
     report = inspect_report(str(tmp_path / "run"), iteration=0, sample=sid)
     tok0 = report["sample"]["tokens"][0]
-    assert set(tok0["topk"]) == {"tx", "ty"} and len(tok0["topk"]["tx"]) == K
+    teacher = {"x": "tx", "y": "ty"}[t.column("domain")[0].as_py()]  # routed: only its teacher scored it
+    assert set(tok0["topk"]) == {teacher} and len(tok0["topk"][teacher]) == K
     from rich.console import Console
     from opd_tasks.inspect import render_inspect
     con = Console(record=True, width=200)

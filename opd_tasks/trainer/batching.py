@@ -15,6 +15,7 @@ from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from opd_tasks.trainer import TrainError
@@ -149,14 +150,39 @@ def _read_topk(rows: Rows, table: pa.Table, source: str, weights: dict[str, np.n
                          f"(> 0) and re-score (delete this scored directory, then opd resume)")
     rows.top_k = k
     for n in names:
-        ids, n_ids = _lists(table, TOPK_IDS + n, source, np.int64)
-        lp, _ = _lists(table, TOPK_LOGP + n, source, np.float32)
-        if (n_ids != rlen * k).any():
-            raise TrainError(f"{source}: column {TOPK_IDS + n!r} does not hold top_k={k} values per response token; "
-                             f"re-run scoring for this iteration")
+        w = np.asarray(weights[n], dtype=np.float32)
+        ids, lp = (_topk_rows(table, c + n, source, dt, rlen, k, w) for c, dt in ((TOPK_IDS, np.int64),
+                                                                               (TOPK_LOGP, np.float32)))
         rows.topk_ids[n] = [torch.from_numpy(v.reshape(-1, k)) for v in ids]
         rows.topk_logp[n] = [torch.from_numpy(v.reshape(-1, k)) for v in lp]
-        rows.topk_weight[n] = torch.as_tensor(np.asarray(weights[n], dtype=np.float32))
+        rows.topk_weight[n] = torch.from_numpy(w)
+
+
+def _topk_rows(table: pa.Table, name: str, source: str, dtype, rlen: np.ndarray, k: int,
+               w: np.ndarray) -> list[np.ndarray]:
+    """Per-row values [R_i * K] of a top-k column. A row the teacher did not score (null: routed
+    scoring) is allowed where its weight is 0, and reads as ids 0..K-1 with log-probs -log(K + 1)
+    at every position (a valid placeholder that the weight-0 term multiplies by 0)."""
+    col = table.column(name).combine_chunks()
+    null = col.is_null().to_numpy(zero_copy_only=False) if col.null_count else np.zeros(len(col), bool)
+    if (null & (w > 0)).any():
+        r = int(np.flatnonzero(null & (w > 0))[0])
+        raise TrainError(f"{source}: column {name!r} is null for row {r}, which this teacher teaches; re-score "
+                         f"with scoring.top_k (and scoring.teachers: all for a mixture)")
+    vals = np.array(col.flatten().to_numpy(zero_copy_only=False), dtype=dtype)  # null rows hold no values
+    have = np.where(null, 0, pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int64))
+    if (have[~null] != rlen[~null] * k).any() or have.sum() != len(vals):
+        raise TrainError(f"{source}: column {name!r} does not hold top_k={k} values per response token; re-run "
+                         f"scoring for this iteration")
+    fill = np.arange(k, dtype=dtype) if np.issubdtype(dtype, np.integer) else np.full(k, -np.log(k + 1), dtype)
+    out, at = [], 0
+    for i, n in enumerate(rlen * k):
+        if null[i]:
+            out.append(np.tile(fill, int(rlen[i])))
+        else:
+            out.append(vals[at:at + n])
+            at += n
+    return out
 
 
 def _provenance(table: pa.Table) -> dict:

@@ -358,3 +358,21 @@ def test_topk_columns_round_trip_and_bad_values_are_named(tmp_path):
     plain = table.drop_columns([c for c in table.column_names if "topk" in c])
     with pytest.raises(ShardError, match="teacher_topk_ids.math"):
         write_part(fs, str(tmp_path / "bad"), 0, plain, prov)
+
+
+def test_topk_columns_are_null_exactly_where_the_teacher_did_not_score(tmp_path):
+    import fsspec
+    fs = fsspec.filesystem("file")
+    table, prov = F.make_scored_table(teachers=("math", "code"), top_k=3, vocab_size=32)
+
+    def null_row(t, col, r):
+        rows = t.column(col).to_pylist()
+        rows[r] = None
+        i = t.column_names.index(col)
+        return t.set_column(i, t.schema.field(i), pa.array(rows, t.schema.field(i).type))
+    routed = table
+    for col in ("teacher_logp.code", "teacher_topk_ids.code", "teacher_topk_logp.code"):
+        routed = null_row(routed, col, 0)
+    write_part(fs, str(tmp_path / "ok"), 0, routed, prov, vocab_size=32)  # routed scoring: fine
+    with pytest.raises(ShardError, match="null where teacher_logp.math is"):
+        write_part(fs, str(tmp_path / "bad"), 0, null_row(table, "teacher_topk_ids.math", 0), prov, vocab_size=32)
