@@ -238,8 +238,8 @@ def expected_schema(kind: str, teacher_names: Sequence[str] | None = None, with_
 def check_columns(schema: pa.Schema, kind: str, teacher_names: Sequence[str] | None, source: str,
                   top_k: int = 0) -> pa.Schema:
     """Every expected column present with its type, and exactly the declared teachers' columns
-    (with top_k > 0 also their top-k columns; without, none). Returns the expected schema.
-    teacher_names=None: taken from the teacher_logp.NAME columns."""
+    (with top_k > 0 also the top-k column pairs of one or more of them, scoring writes all; without,
+    none). Returns the expected schema. teacher_names=None: taken from the teacher_logp.NAME columns."""
     have = teacher_columns(schema.names)
     topk_cols = [c for c in schema.names if c.startswith((TOPK_IDS_PREFIX, TOPK_LOGP_PREFIX))]
     if topk_cols and not top_k:
@@ -257,7 +257,14 @@ def check_columns(schema: pa.Schema, kind: str, teacher_names: Sequence[str] | N
         raise ShardError(f"{source}: rollout shard has teacher columns {have}; write it as kind='scored'")
     if top_k and (not isinstance(top_k, int) or top_k < 0 or kind != "scored"):
         raise ShardError(f"{source}: provenance top_k={top_k!r} must be an integer >= 0 on a scored shard")
-    exp = expected_schema(kind, teacher_names, with_ref="ref_logp" in schema.names, top_k=top_k)
+    exp = expected_schema(kind, teacher_names, with_ref="ref_logp" in schema.names)
+    if top_k:
+        topk_names = sorted({c.split(".", 1)[1] for c in topk_cols})
+        if not topk_names or set(topk_names) - set(teacher_names):
+            raise ShardError(f"{source}: provenance top_k={top_k} but top-k columns {topk_cols} (need a "
+                             f"teacher_topk_ids/logp.NAME pair per declared teacher {list(teacher_names)}); "
+                             f"score with scoring.top_k")
+        exp = pa.schema(list(exp) + _topk_fields(topk_names))
     for f in exp:
         i = schema.get_field_index(f.name)
         if i < 0:

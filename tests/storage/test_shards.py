@@ -356,8 +356,10 @@ def test_topk_columns_round_trip_and_bad_values_are_named(tmp_path):
     with pytest.raises(ShardError, match="no top_k in the provenance"):
         write_part(fs, str(tmp_path / "bad"), 0, table, {**prov, "top_k": 0})
     plain = table.drop_columns([c for c in table.column_names if "topk" in c])
-    with pytest.raises(ShardError, match="teacher_topk_ids.math"):
+    with pytest.raises(ShardError, match="provenance top_k=4 but top-k columns"):
         write_part(fs, str(tmp_path / "bad"), 0, plain, prov)
+    with pytest.raises(ShardError, match="teacher_topk_logp.code"):  # a pair is whole
+        write_part(fs, str(tmp_path / "bad"), 0, table.drop_columns(["teacher_topk_logp.code"]), prov)
 
 
 def test_topk_columns_are_null_exactly_where_the_teacher_did_not_score(tmp_path):
