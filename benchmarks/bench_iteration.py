@@ -15,8 +15,9 @@ times itself by wrapping opd's functions (no opd code is changed).
 Definitions:
 - compute = the model math inside the stages: rollout generation (HFGenerator.generate), teacher
   scoring (HFScorer.score), training (train_iteration: old_t recompute + optimizer steps) and
-  evaluation decoding (greedy_generate, including the once-per-run baseline of the initial
-  student and the teachers, which runs inside iteration 0's eval stage).
+  evaluation decoding (the rollout engine's HFGenerator.generate at temperature 0, including the
+  once-per-run baseline of the initial student and the teachers, which runs inside iteration 0's
+  eval stage; "eval_generate" is the part of "generate" inside the eval stage).
 - overhead = iteration wall time - compute. It is broken into: process start (interpreter) and
   imports, Prefect (flow/task-run orchestration, its temporary server's start and stop, summaries
   and artifacts: everything outside the stages), model loading (per stage; the rollout's includes
@@ -93,7 +94,6 @@ def instrument(clock: Clock) -> None:
     """Wrap opd's stage, model-load, compute and I/O functions (module attributes looked up at call time)."""
     import flows.run
     import opd_tasks.eval_stage as ev
-    import opd_tasks.evaluate as evaluate
     import opd_tasks.rollout as rollout
     import opd_tasks.scoring as scoring
     import opd_tasks.trainer.stage as tstage
@@ -113,12 +113,10 @@ def instrument(clock: Clock) -> None:
     clock.wrap(rollout, "load_tokenizer", "load:rollout")  # the first call also imports AutoTokenizer
     clock.wrap(HFScorer, "__init__", "load:scored")
     clock.wrap(worker, "build_model", "load:train")
-    clock.wrap(evaluate, "load_model", "load:eval")
     # compute
     clock.wrap(HFGenerator, "generate", "generate")
     clock.wrap(HFScorer, "score", "score")
     clock.wrap(worker, "train_iteration", "train_steps")
-    clock.wrap(evaluate, "greedy_generate", "eval_generate")
     # Parquet I/O and checkpoints
     for mod in (rollout, scoring):
         clock.wrap(mod, "write_part", "parquet_io")
@@ -187,8 +185,12 @@ def summarize(res: dict, launch: float, done: float, iterations: int) -> list[di
             wall += starts[0] - launch - (res["t_flow_call"] - res["t_imports"]) + overhead["process_exit"]
         overhead["prefect_flow_and_tasks"] = a.get("iteration", 0.0) - inside
         overhead["summary_and_artifacts"] = ends[n] - starts[n] - a.get("iteration", 0.0)
+        a["eval_generate"] = a.get("in:eval:generate", 0.0)  # evaluation decodes on the rollout engine
+        a["generate"] = a.get("generate", 0.0) - a["eval_generate"]
         compute = sum(a.get(k, 0.0) for k in COMPUTE)
         overhead["model_load"] = {s: a.get("load:" + s, 0.0) for s in STAGES}
+        overhead["model_load"]["eval"] = a.get("in:eval:load:rollout", 0.0)  # eval's engines are rollout's kind
+        overhead["model_load"]["rollout"] -= overhead["model_load"]["eval"]
         overhead["parquet_io"] = a.get("parquet_io", 0.0)
         overhead["checkpoint_save"] = a.get("checkpoint_save", 0.0)
         overhead["other_in_stage"] = {  # the stage's wall minus the timed parts inside it

@@ -27,7 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TOY = ROOT / "configs" / "toy.yaml"
-TRAIN_PROMPTS = 8192  # rows of the demo world's data/train.parquet
 ADDER = {"name": "adder", "path": "toy://teachers/add", "domain": "add", "weight": 0.5}
 REVERSER = {"name": "reverser", "path": "toy://teachers/rev", "domain": "rev", "weight": 0.5}
 
@@ -78,8 +77,17 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+def train_prompts(base: dict) -> int:
+    """Rows of data/train.parquet of the config's toy world, from its world.json (built first if needed)."""
+    from opd_tasks.config import ToyWorldConfig
+    from opd_tasks.toy.world import build_world, read_world
+    tw = ToyWorldConfig(**base.get("toy_world") or {})
+    return int(read_world(build_world(tw.dir, tw.size, tw.seed))["data"]["train"]["rows"])
+
+
 def variant_config(name: str, seed: int, iterations: int, epochs: int | None = None,
-                   world_dir: str | None = None, prompts: int | None = None) -> dict:
+                   n_train: int | None = None, world_dir: str | None = None, prompts: int | None = None) -> dict:
+    """The variant's run config; n_train: rows of the world's data.train (default: read from world.json)."""
     base = yaml.safe_load(TOY.read_text())
     if prompts:
         base["rollout"]["prompts_per_iteration"] = prompts
@@ -97,7 +105,8 @@ def variant_config(name: str, seed: int, iterations: int, epochs: int | None = N
     if offline_steps:  # one step per iteration on-policy -> the same samples and steps offline
         r = cfg["rollout"]
         prompts, group = r["prompts_per_iteration"] * offline_steps, r["group_size"]
-        while prompts > TRAIN_PROMPTS:  # each prompt at most once: more samples per prompt instead
+        n_train = n_train or train_prompts(base)
+        while prompts > n_train:  # each prompt at most once: more samples per prompt instead
             prompts, group = prompts // 2, group * 2
         cfg["offline"] = {"source": "generate", "epochs": cfg["train"]["epochs"], "mini_batches": offline_steps,
                           "generate": {"model": "route", "prompts": prompts, "group_size": group},
@@ -190,10 +199,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     from flows.run import opd_run
 
+    base = yaml.safe_load(TOY.read_text())
+    if args.world_dir:
+        base["toy_world"]["dir"] = args.world_dir
+    n_train = train_prompts(base)
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:  # seed-major: every variant has one seed before any has two
         for name in names:
-            cfg = variant_config(name, seed, iterations, args.epochs, args.world_dir, args.prompts)
+            cfg = variant_config(name, seed, iterations, args.epochs, n_train, args.world_dir, args.prompts)
             run_dir = out / cfg["name"]
             cfg_path = out / f"{cfg['name']}.yaml"
             cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))

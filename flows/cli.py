@@ -13,11 +13,21 @@
     opd generate CONFIG --model T --output O   # teacher T (or route) samples responses: rollout shards
 
 Implementations are imported inside each command so that `opd --help` stays fast.
+
+Errors: a user error (bad config, missing model path, tokenizer mismatch, bad input row, storage
+full or unreachable, run directory held by another opd) prints one `error: ...` line and where the
+full log is (OPD_LOG_DIR, default ~/.cache/opd/logs), exit code 2. Prefect's ERROR records (task
+and flow tracebacks) go to that log only; `opd --debug ...` shows them and the traceback. A
+programming error (anything else) prints its traceback, exit code 1.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
+import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -29,15 +39,79 @@ toy_app = typer.Typer(no_args_is_help=True, help="The toy world: tokenizer, tiny
 app.add_typer(toy_app, name="toy")
 
 
+_state = {"debug": os.environ.get("OPD_DEBUG") == "1", "log": None}
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="show Prefect's error logs and tracebacks")) -> None:
+    _state["debug"] = _state["debug"] or debug
+
+
+class _BelowError(logging.Filter):
+    """Console: no ERROR records, no "Finished in state Failed(<the error again>)" of each flow run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return False
+        msg = record.msg if isinstance(record.msg, str) else ""
+        return not msg.startswith(("Finished in state Failed", "Finished in state Crashed"))
+
+
+def _capture_logs(command: str) -> None:
+    """Everything Prefect (and opd) logs also goes to a file; unless --debug, the console handlers drop
+    ERROR records (Prefect's tracebacks of a failed task/flow): the CLI prints the error once itself."""
+    import prefect  # noqa: F401 - configures Prefect's logging, whose console handlers we filter
+    root = Path(os.environ.get("OPD_LOG_DIR") or Path.home() / ".cache" / "opd" / "logs")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / f"opd-{command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}.log"
+        handler = logging.FileHandler(path, delay=True)
+    except OSError:
+        return  # no log file: the console still has the error line
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    _state["log"] = path
+    if _state["debug"]:
+        return
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for lg in loggers:
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and h is not handler:
+                h.addFilter(_BelowError())
+
+
+def _log_line() -> None:
+    log = _state["log"]
+    if log is not None and Path(log).exists():
+        typer.echo(f"full log: {log}", err=True)
+
+
 def _fail(err: Exception) -> None:
     typer.secho(f"error: {err}", fg="red", err=True)
+    _log_line()
+    if _state["debug"]:
+        traceback.print_exception(err)
     raise typer.Exit(2)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from opd_tasks.config import ConfigError
     from opd_tasks.errors import OpdError
-    return (ConfigError, OpdError, FileNotFoundError)
+    # OSError: the storage or the machine (a disk, a network), not opd's code
+    return (ConfigError, OpdError, OSError)
+
+
+def _flow_command(command: str, call) -> None:
+    """Run a command that starts Prefect flows: user errors in one line (exit 2), others with traceback."""
+    _capture_logs(command)
+    try:
+        call()
+    except _user_errors() as err:
+        _fail(err)
+    except Exception:
+        _log_line()
+        raise
 
 
 @toy_app.command("build")
@@ -65,10 +139,7 @@ def demo(
 ) -> None:
     """Distill a weak student from two domain teachers on the toy world; print a table, save plots."""
     from flows.demo import run_demo
-    try:
-        run_demo(run_dir=run_dir, iterations=iterations)
-    except _user_errors() as err:
-        _fail(err)
+    _flow_command("demo", lambda: run_demo(run_dir=run_dir, iterations=iterations))
 
 
 @app.command()
@@ -79,10 +150,7 @@ def run(
 ) -> None:
     """Run the configured iterations; an existing run directory is resumed where it stands."""
     from flows.run import run_from_config
-    try:
-        run_from_config(config, run_dir=run_dir, iterations=iterations)
-    except _user_errors() as err:
-        _fail(err)
+    _flow_command("run", lambda: run_from_config(config, run_dir=run_dir, iterations=iterations))
 
 
 @app.command()
@@ -92,10 +160,7 @@ def resume(
 ) -> None:
     """Continue a stopped or failed run at the first stage that did not finish."""
     from flows.run import resume_run
-    try:
-        resume_run(run_dir, iterations=iterations)
-    except _user_errors() as err:
-        _fail(err)
+    _flow_command("resume", lambda: resume_run(run_dir, iterations=iterations))
 
 
 @app.command()
@@ -104,7 +169,8 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Per iteration, each stage done / partial / missing, and the latest checkpoint."""
-    from opd_tasks.inspect import render_status, status_report
+    from opd_tasks.render import render_status
+    from opd_tasks.status import status_report
     try:
         report = status_report(run_dir)
     except _user_errors() as err:
@@ -127,7 +193,8 @@ def inspect(
     max_samples: int = typer.Option(200, min=1, help="--html: at most this many samples on the page"),
 ) -> None:
     """Where did teachers and student disagree? Per-teacher log-probs, KL estimates, rewards, tokens."""
-    from opd_tasks.inspect import inspect_report, render_inspect
+    from opd_tasks.inspect import inspect_report
+    from opd_tasks.render import render_inspect
     if html:
         from opd_tasks.inspect_html import write_html
         try:
@@ -174,10 +241,7 @@ def score(
 ) -> None:
     """Score an existing dataset with every teacher, offline, into scored Parquet shards."""
     from flows.score_dataset import score_dataset_from_cli
-    try:
-        score_dataset_from_cli(config, input_path=input, output=output)
-    except _user_errors() as err:
-        _fail(err)
+    _flow_command("score", lambda: score_dataset_from_cli(config, input_path=input, output=output))
 
 
 @app.command()
@@ -194,11 +258,8 @@ def generate(
     """Sample responses with a teacher instead of the student: rollout shards with the teacher's
     behaviour log-probs and the verifier rewards (the offline phase's data, on its own)."""
     from flows.offline import generate_from_cli
-    try:
-        generate_from_cli(config, output, model, prompts=prompts, group_size=group_size, temperature=temperature,
-                          max_new_tokens=max_new_tokens)
-    except _user_errors() as err:
-        _fail(err)
+    _flow_command("generate", lambda: generate_from_cli(config, output, model, prompts=prompts, group_size=group_size,
+                                                        temperature=temperature, max_new_tokens=max_new_tokens))
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -10,7 +10,7 @@ Tasks take (run_dir, iteration) and return small StageResult models, never tenso
 """
 from __future__ import annotations
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from opd_tasks.context import RunContext
@@ -43,8 +43,8 @@ def score(run_dir: str, iteration: int) -> StageResult:
 
 @task(name="train", cache_policy=NO_CACHE)
 def train(run_dir: str, iteration: int) -> StageResult:
-    from opd_tasks.train import run_training
-    return run_training(RunContext.load(run_dir), iteration)
+    from opd_tasks.trainer.stage import run_training
+    return run_training(RunContext.load(run_dir), iteration, on_line=get_run_logger().info)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, **IO_RETRIES)

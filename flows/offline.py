@@ -1,6 +1,6 @@
 """The offline phase of a run as a Prefect flow: a warm start before the on-policy iterations.
 
-    opd run configs/toy-offline.yaml --run-dir runs/x     # opd_run runs this first when `offline:` is set
+    opd run CONFIG --run-dir runs/x     # a CONFIG with an `offline:` block: opd_run runs this phase first
     opd generate configs/toy.yaml --model adder --output data/gen --prompts 256   # teacher samples only
 
 rollout (teachers generate, or the offline dataset is imported) -> score (every teacher) -> filter
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.iteration import IO_RETRIES
@@ -27,33 +27,33 @@ from opd_tasks.stages import StageResult
 def offline_rollout(run_dir: str) -> StageResult:
     ctx = RunContext.load(run_dir)
     if ctx.cfg.offline.source == "dataset":
-        from opd_tasks.offline import import_dataset
+        from opd_tasks.offline.dataset import import_dataset
         return import_dataset(ctx)
-    from opd_tasks.rollout import run_offline_generation
+    from opd_tasks.offline.generate import run_offline_generation
     return run_offline_generation(ctx)
 
 
 @task(name="offline-score", cache_policy=NO_CACHE, **IO_RETRIES)
 def offline_score(run_dir: str) -> StageResult:
-    from opd_tasks.offline import run_offline_scoring
+    from opd_tasks.offline.scoring import run_offline_scoring
     return run_offline_scoring(RunContext.load(run_dir))
 
 
 @task(name="offline-filter", cache_policy=NO_CACHE)
 def offline_filter(run_dir: str) -> StageResult:
-    from opd_tasks.offline import run_offline_filter
+    from opd_tasks.offline.filter import run_offline_filter
     return run_offline_filter(RunContext.load(run_dir))
 
 
 @task(name="offline-train", cache_policy=NO_CACHE)
 def offline_train(run_dir: str) -> StageResult:
     from opd_tasks.trainer.stage import run_offline_training
-    return run_offline_training(RunContext.load(run_dir))
+    return run_offline_training(RunContext.load(run_dir), on_line=get_run_logger().info)
 
 
 @task(name="offline-evaluate", cache_policy=NO_CACHE, **IO_RETRIES)
 def offline_evaluate(run_dir: str) -> StageResult:
-    from opd_tasks.offline import run_offline_evaluation
+    from opd_tasks.offline.evaluate import run_offline_evaluation
     return run_offline_evaluation(RunContext.load(run_dir))
 
 
@@ -81,7 +81,7 @@ def opd_offline(run_dir: str) -> dict[str, StageResult]:
 @task(name="generate", cache_policy=NO_CACHE)
 def generate_task(config_path: str, output: str, model: str, prompts: int, group_size: int, temperature: float,
                   max_new_tokens: int | None) -> StageResult:
-    from opd_tasks.rollout import generate_offline
+    from opd_tasks.offline.generate import generate_offline
     from opd_tasks.toy.world import resolve_config
     from storage.fs import filesystem
     raw = load_config(config_path)

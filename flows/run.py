@@ -9,7 +9,9 @@ changed), runs the offline phase (flows/offline.py) when the config has an `offl
 finished stages are skipped), finds the first iteration that is not complete, and runs the rest,
 one subflow per iteration. After each iteration it appends a line to metrics.jsonl, writes the scored
 stage's HTML view (RUN/iter-N/inspect.html) and publishes a Prefect table artifact linking it; a
-progress artifact tracks the run.
+progress artifact tracks the run. One process writes a run directory at a time: the run holds its
+lease (storage/lock.py, RUN/_lock/) from before run.yaml is written until it returns; a second
+`opd run`/`opd resume` (or a second firing of a deployment) is refused, naming the holder.
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ from opd_tasks.config import RunConfig, load_config
 from opd_tasks.context import RunContext, prepare_run
 from opd_tasks.inspect_html import write_iteration_view
 from opd_tasks.summary import iteration_summary, record_iteration, recorded_iterations
+from storage.layout import RunLayout
+from storage.lock import acquire_lease
+from opd_tasks.verifiers import check_run_verifiers
 from storage.manifest import stage_status
 
 
@@ -57,12 +62,23 @@ def opd_run(config_path: str, run_dir: str | None = None, iterations: int | None
     return run_config(cfg, run_dir, iterations)
 
 
+def _flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+    return flow_run.id
+
+
 def run_config(cfg: RunConfig, run_dir: str | None = None, iterations: int | None = None) -> dict:
+    run_dir = run_dir or cfg.run_dir or f"runs/{cfg.name}"
+    with acquire_lease(RunLayout(run_dir), flow_run=_flow_run_id()) as lease:
+        return _run_locked(cfg, run_dir, iterations, lease)
+
+
+def _run_locked(cfg: RunConfig, run_dir: str, iterations: int | None, lease) -> dict:
     logger = get_run_logger()
     updates = {"iterations": iterations} if iterations is not None else {}
-    run_dir = run_dir or cfg.run_dir or f"runs/{cfg.name}"
     cfg = cfg.model_copy(update={**updates, "run_dir": run_dir})
     ctx = prepare_run(cfg, run_dir)
+    check_run_verifiers(ctx.cfg)  # a domain without a verifier fails now, not at the first evaluation
     # the warm start (iteration 0 starts from its checkpoint); its evaluation is its last stage
     if ctx.cfg.offline is not None and stage_status(ctx.layout.fs, ctx.layout.offline_dir("evaluation")) != "done":
         opd_offline(ctx.run_dir)
@@ -76,6 +92,7 @@ def run_config(cfg: RunConfig, run_dir: str | None = None, iterations: int | Non
     progress = create_progress_artifact(progress=100.0 * start / max(total, 1), key=key,
                                         description=f"iterations of {ctx.run_dir}")
     for n in range(start, total):
+        lease.check()  # still ours (a holder cut off for longer than the lease's ttl must not go on)
         stages = opd_iteration(ctx.run_dir, n)
         row = iteration_summary(ctx, n, stages)
         record_iteration(ctx, row)

@@ -20,7 +20,7 @@ from opd_tasks.stages import StageResult
 
 @task(name="score-offline", cache_policy=NO_CACHE, **IO_RETRIES)
 def score_offline_task(config_path: str, input_path: str, output: str) -> StageResult:
-    from opd_tasks.offline import score_offline
+    from opd_tasks.offline.score import score_offline
     from opd_tasks.toy.world import resolve_config
     cfg = load_config(config_path)
     if cfg.toy_world is not None:

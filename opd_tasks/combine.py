@@ -1,4 +1,4 @@
-"""Several teachers' per-token log-probs -> one teacher log-prob T_t (ALGORITHMS.md, "Several teachers").
+"""Several teachers' per-token log-probs -> one teacher log-prob T_t (docs/algorithms.md, "Several teachers").
 
 Everything works on FLAT arrays: all samples' response tokens concatenated, shape [N_tokens],
 one array per teacher name (the scoring stage stores each teacher's own array as

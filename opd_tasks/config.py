@@ -3,7 +3,7 @@
     cfg = load_config("configs/toy.yaml")          # validates; errors name the field
     cfg.config_hash()                              # what a run directory is pinned to
 
-Every knob of ALGORITHMS.md has one name here, the same name used in code, Parquet
+Every knob of docs/algorithms.md has one name here, the same name used in code, Parquet
 columns and docs. Model paths are local directories, fsspec URLs, or `toy://NAME`
 (a model or dataset of the toy world named by `toy_world`, built on first use).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,12 +27,17 @@ Engine = Literal["hf", "vllm", "remote"]
 
 # Fields a resumed run may change without changing its identity (config hash).
 MUTABLE_FIELDS = ("iterations", "run_dir", "eval.every")
+NODE_LAUNCHER_FIELDS = ("command", "node_rank", "nnodes", "rdzv_endpoint", "cwd")  # train.node_launcher's placeholders
 
 
-# dotted field -> default left out of the hash
-ADDED_LATER = {"offline": None, "train.old_logp": "auto", "train.adam_eps": 1e-8, "scoring.teachers": "auto",
-               "teachers[].reference": None, "scoring.top_k": 0, "loss.divergence": "fkl", "loss.beta": 0.5,
-               "loss.tail": True, "loss.sampled_weight": 0.0}
+ADDED_LATER = {  # dotted field -> default left out of the hash
+    "offline": None, "train.old_logp": "auto", "train.adam_eps": 1e-8, "scoring.teachers": "auto",
+    "teachers[].reference": None, "loss.w_kd_anneal_iterations": None,
+    "train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_end": 0.0, "train.no_sync_accumulation": False,
+    "train.logp_chunk_tokens": 1024, "train.activation_checkpointing": False, "train.rdzv_endpoint": None,
+    "train.rdzv_timeout_s": 600.0, "train.node_launcher": None, "data.chat_template": False,
+    "data.verifiers": {}, "scoring.top_k": 0, "loss.divergence": "fkl", "loss.beta": 0.5, "loss.tail": True,
+    "loss.sampled_weight": 0.0}
 
 
 class ConfigError(OpdError, ValueError):
@@ -76,7 +82,11 @@ class LossConfig(_Model):
     aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
     w_rl: float = Field(1.0, ge=0, description="kdrl: weight of the GRPO term")
     w_kd: float = Field(0.005, ge=0, description="kdrl: weight of the KD term")
-    w_kd_end: float | None = Field(None, ge=0, description="kdrl: anneal w_kd linearly to this by the last iteration")
+    w_kd_end: float | None = Field(None, ge=0, description="kdrl: anneal w_kd linearly to this over "
+                                                           "w_kd_anneal_iterations iterations")
+    w_kd_anneal_iterations: int | None = Field(
+        None, gt=0, description="kdrl with w_kd_end: iterations over which w_kd moves to w_kd_end (reached at "
+                                "iteration w_kd_anneal_iterations - 1, constant after); fixed, unlike `iterations`")
     kd_estimator: Literal["k2", "pg", "k3", "reward"] = Field("k2", description="kdrl: KD term estimator")
     kd_only_incorrect: bool = Field(False, description="kdrl: KD only on responses whose reward < 1")
     divergence: Literal["fkl", "rkl", "jsd"] = Field("fkl", description="topk: KL(teacher||student), "
@@ -91,6 +101,9 @@ class LossConfig(_Model):
     def _kdrl(self) -> "LossConfig":
         if self.kind == "kdrl" and self.w_rl == 0 and self.w_kd == 0:
             raise ValueError("loss: kdrl with w_rl = 0 and w_kd = 0 trains nothing; set one of them > 0")
+        if self.w_kd_end is not None and self.w_kd_anneal_iterations is None:
+            raise ValueError("loss.w_kd_end needs loss.w_kd_anneal_iterations (the iterations over which w_kd "
+                             "anneals; `iterations` may change on resume, so it cannot be the span)")
         if self.kind == "kdrl" and self.w_rl == 0 and "w_kd" not in self.model_fields_set:
             # Pure KD must not keep the joint-loss default 0.005: that is a silent 200x lr cut.
             self.w_kd = 1.0
@@ -141,22 +154,62 @@ class TrainConfig(_Model):
     launcher: Literal["auto", "torchrun", "inprocess"] = Field(
         "auto", description="auto: in the flow's process when there is one rank (saves ~10 s of process "
                             "start per iteration), torchrun otherwise")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="lr over the run's optimizer steps (iterations x epochs x mini_batches when the "
+                                "run starts, kept in the train state); linear/cosine decay to lr_end")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup to lr (any lr_schedule)")
+    lr_end: float = Field(0.0, ge=0, description="linear/cosine: lr at the end of the decay (and after it)")
+    no_sync_accumulation: bool = Field(
+        False, description="FSDP2: reduce gradients once per mini-batch instead of per micro-batch (less "
+                           "communication; each rank holds the full unsharded gradient meanwhile)")
+    logp_chunk_tokens: int = Field(
+        1024, ge=0, description="response tokens per chunk of the output layer: the [tokens, vocab] float32 "
+                                "logits never exist whole (0: full logits)")
+    activation_checkpointing: bool = Field(False, description="recompute each transformer block in backward")
+    rdzv_endpoint: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}$",
+        description="nnodes > 1: host:port of the c10d rendezvous, reachable from every node")
+    rdzv_timeout_s: float = Field(600.0, gt=0, description="nnodes > 1: seconds for all nodes to join")
+    node_launcher: str | None = Field(
+        None, description="nnodes > 1: shell command template that starts one node's torchrun agent; "
+                          "{command} (the agent's command line), {node_rank}, {nnodes}, {rdzv_endpoint}, {cwd}; "
+                          "e.g. 'ssh node{node_rank} \"cd {cwd} && {command}\"' or \"srun -N1 -n1 -r {node_rank} {command}\"")
     old_logp: Literal["auto", "recompute", "behaviour"] = Field(
         "auto", description="pi_old for the PPO ratio: auto takes the rollout's behaviour log-probs when they "
                             "are the same quantity (the run's own float32 hf rollout of the start weights at "
                             "temperature 1), else recomputes; behaviour insists (error with the reasons)")
 
 
+    @model_validator(mode="after")
+    def _nodes(self) -> "TrainConfig":
+        if self.nnodes > 1 and (not self.rdzv_endpoint or not self.node_launcher):
+            raise ValueError(f"train.nnodes={self.nnodes} needs train.rdzv_endpoint (host:port on the first node) "
+                             f"and train.node_launcher (e.g. 'ssh node{{node_rank}} \"cd {{cwd}} && {{command}}\"')")
+        if self.node_launcher is not None:
+            fields = {f for _, f, _, _ in string.Formatter().parse(self.node_launcher) if f is not None}
+            if "command" not in fields or not fields <= set(NODE_LAUNCHER_FIELDS):
+                raise ValueError(f"train.node_launcher {self.node_launcher!r}: must contain {{command}} and no "
+                                 f"placeholders but {{{'}, {'.join(NODE_LAUNCHER_FIELDS)}}} (write {{{{ }}}} for "
+                                 f"literal braces)")
+        return self
+
+
 class EvalConfig(_Model):
     every: int = Field(1, ge=0, description="evaluate every k iterations (0: never)")
-    max_prompts: int | None = Field(None, gt=0)
-    max_new_tokens: int = Field(32, gt=0)
-    token_budget: int = Field(16384, gt=0)
+    max_prompts: int | None = Field(None, gt=0, description="evaluate the first N rows of the eval split (default all)")
+    max_new_tokens: int = Field(32, gt=0, description="greedy response budget (prompts may have the engine's "
+                                                      "context minus this)")
+    token_budget: int = Field(16384, gt=0, description="hf engine: prompt+response tokens per eval batch")
 
 
 class DataConfig(_Model):
-    train: str = Field(description="prompts: Parquet/JSONL with columns prompt, answer, domain")
+    train: str = Field(description="prompts: Parquet/JSONL with columns prompt (text) or messages (chat), answer, domain")
     eval: str | None = Field(None, description="eval prompts, same columns")
+    chat_template: bool = Field(False, description="wrap each plain-text prompt as one user message in the student "
+                                                   "tokenizer's chat template (a `messages` column always uses it)")
+    verifiers: dict[str, str] = Field(default_factory=dict, description="domain -> verifier name (exact, math, ...) "
+                                      "where it is not the domain's own; none: the domain has no verifier "
+                                      "(evaluation skips it; kdrl refuses it)")
 
 
 class OfflineGenerateConfig(_Model):

@@ -1,104 +1,112 @@
-"""Greedy per-domain accuracy of a checkpoint: the evaluation stage's work, free of Prefect and storage.
+"""Greedy per-domain accuracy on a generation engine: the evaluation stage's work, free of Prefect and storage.
 
-    acc = greedy_accuracy("path/to/hf_model", rows, max_new_tokens=16)   # {"add": 0.91, "rev": 0.97}
+    acc = evaluate(gen, tokenizer, rows, max_new_tokens=16)             # any Generator (hf, vllm, remote)
+    acc = greedy_accuracy("path/to/hf_model", rows, max_new_tokens=16)  # {"add": 0.91, "rev": 0.97}
 
-rows: a list of dicts or a pyarrow Table with columns prompt, answer, domain (domain may be None:
-then the `exact` verifier, reported under "default"). Prompts are tokenized with the model's own
-tokenizer (special tokens on, as in rollout), left-padded, batched by a token budget after sorting
-by length, and decoded greedily (do_sample=False) until EOS or max_new_tokens.
+rows: a list of dicts or a pyarrow Table with columns prompt (or messages), answer, domain
+(domain may be None: then the `exact` verifier, reported under "default"). Prompts become token ids
+with opd_tasks.prompts.encode_prompts, exactly as in rollout (chat template included); decoding is
+the rollout engine's Generator at temperature 0 (greedy), one sample per prompt, until EOS or
+max_new_tokens: the hf engine batches by its token_budget, vLLM schedules the batch itself.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-import torch
+from opd_tasks.engines.base import Generator, SamplingParams
+from opd_tasks.errors import DataError
+from opd_tasks.prompts import encode_prompts
+from opd_tasks.verifiers import NONE, check_domains, find_verifier
 
-from opd_tasks.errors import DataError, ModelPathError
-from opd_tasks.verifiers import get_verifier
-
-REQUIRED = ("prompt", "answer", "domain")
+REQUIRED = ("answer", "domain")
 
 
 def _as_rows(rows: Any) -> list[dict]:
     if hasattr(rows, "to_pylist"):  # pyarrow Table
-        missing = [c for c in REQUIRED if c not in rows.column_names]
+        names = rows.column_names
         rows = rows.to_pylist()
     else:
         rows = list(rows)
-        missing = sorted({c for r in rows for c in REQUIRED if c not in r})
-    if missing:
-        raise DataError(f"evaluation rows lack columns {missing}; each row needs {list(REQUIRED)}")
+        names = sorted({c for r in rows for c in r})
     if not rows:
         raise DataError("evaluation rows are empty; give at least one row with prompt, answer, domain")
+    missing = [c for c in REQUIRED if c not in names or any(c not in r for r in rows)]
+    if not ({"prompt", "messages"} & set(names)):
+        missing = ["prompt (or messages)"] + missing
+    if missing:
+        raise DataError(f"evaluation rows lack columns {missing}; each row needs prompt (or messages), "
+                        f"{', '.join(REQUIRED)}")
     return rows
 
 
-def load_model(model_path: str, dtype: torch.dtype = torch.float32):
-    """(model in eval mode, tokenizer) from an HF directory; ModelPathError when it holds none."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    try:
-        tok = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    except (OSError, ValueError) as err:
-        raise ModelPathError(f"{model_path}: cannot load an HF model + tokenizer from it ({err}); "
-                             f"give a directory with config.json, weights and tokenizer files") from None
-    return model.eval(), tok
+def verified_rows(rows: Any, verifiers: Mapping[str, str] | None = None) -> tuple[list[dict], int]:
+    """(rows to evaluate, how many were left out): rows of domains that data.verifiers declares
+    `none` are left out; any other domain without a verifier is a NoVerifierError."""
+    rows = _as_rows(rows)
+    verifiers = verifiers or {}
+    keep = [r for r in rows if r["domain"] is None or verifiers.get(r["domain"]) != NONE]
+    check_domains([r["domain"] for r in keep], verifiers, "evaluation")
+    if not keep:
+        raise DataError("evaluation: every eval row's domain is declared without a verifier (data.verifiers: "
+                        "none); give eval prompts of a verified domain or set eval.every: 0")
+    return keep, len(rows) - len(keep)
 
 
-@torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
-                    token_budget: int = 16384) -> list[str]:
-    """Greedy response text of each prompt up to (without) its first EOS, in the order of `prompts`.
-
-    Batches hold at most `token_budget` padded tokens (prompt + max_new_tokens per row).
-    """
-    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise ModelPathError(f"tokenizer {tokenizer.name_or_path!r} has no pad or eos token; set both")
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out: list[str] = [""] * len(ids)
-    start = 0
-    while start < len(order):
-        end = start + 1  # grow the batch while its padded size fits the budget
-        while end < len(order) and (end + 1 - start) * (len(ids[order[end]]) + max_new_tokens) <= token_budget:
-            end += 1
-        batch = [ids[i] for i in order[start:end]]
-        width = max(map(len, batch))
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch])
-        gen = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=pad)
-        eos = tokenizer.eos_token_id
-        for i, row in zip(order[start:end], gen[:, width:].tolist()):
-            row = row[: row.index(eos)] if eos in row else row
-            # keep other special tokens: a stray <bos> inside an answer makes it wrong, not silently right
-            out[i] = tokenizer.decode(row, skip_special_tokens=False)
-        start = end
+def greedy_responses(gen: Generator, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
+    """Greedy response text of each prompt without its final EOS, in the order of `prompt_ids`.
+    Other special tokens are kept: a stray <bos> inside an answer makes it wrong, not silently right."""
+    samples = gen.generate(prompt_ids, 1, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
+    eos = {tokenizer.eos_token_id, *getattr(gen, "eos_ids", ())}
+    out = []
+    for (s,) in samples:
+        ids = list(s.response_ids)
+        if s.finish_reason == "stop" and ids and ids[-1] in eos:
+            ids = ids[:-1]  # the EOS the engine stopped at (another stop token is left to the verifiers'
+            # normalize(), which strips end-of-sequence markers)
+        out.append(tokenizer.decode(ids, skip_special_tokens=False))
     return out
 
 
-def accuracy_by_domain(rows: Sequence[dict], responses: Sequence[str]) -> dict[str, float]:
+def accuracy_by_domain(rows: Sequence[dict], responses: Sequence[str],
+                       verifiers: Mapping[str, str] | None = None) -> dict[str, float]:
     """Mean verifier reward per domain (key "default" for rows without a domain)."""
     totals: dict[str, list[float]] = defaultdict(list)
     for row, response in zip(rows, responses, strict=True):
-        totals[row["domain"] or "default"].append(get_verifier(row["domain"])(response, row["answer"]))
+        verify = find_verifier(row["domain"], verifiers)
+        if verify is None:
+            check_domains([row["domain"]], verifiers, "evaluation")
+        totals[row["domain"] or "default"].append(verify(response, row["answer"]))
     return {d: sum(v) / len(v) for d, v in sorted(totals.items())}
 
 
+def evaluate(gen: Generator, tokenizer, rows: Any, max_new_tokens: int, chat_template: bool = False,
+             verifiers: Mapping[str, str] | None = None, limit: int | None = None, limit_why: str = "",
+             source: str = "eval") -> dict[str, float]:
+    """{domain: accuracy in [0, 1]} of greedy decoding with `gen` on `rows` (see verified_rows for
+    domains without a verifier; `limit`: most prompt tokens, see encode_prompts)."""
+    rows, _ = verified_rows(rows, verifiers)
+    ids = encode_prompts(tokenizer, rows, chat_template, source, limit=limit, limit_why=limit_why)
+    return accuracy_by_domain(rows, greedy_responses(gen, tokenizer, ids, max_new_tokens), verifiers)
+
+
 def greedy_accuracy(model_path: str, rows: Any, max_new_tokens: int = 32, token_budget: int = 16384,
-                    num_threads: int | None = None) -> dict[str, float]:
-    """{domain: accuracy in [0, 1]} of greedy decoding of the model at `model_path` on `rows`.
-    num_threads: torch threads for this call only (the previous setting is restored)."""
+                    num_threads: int | None = None, engine: str = "hf", chat_template: bool = False,
+                    **engine_opts: Any) -> dict[str, float]:
+    """evaluate() with a fresh `engine` generator of the model at `model_path` and its tokenizer.
+    num_threads: torch threads for this call only (the previous setting is restored);
+    engine_opts: make_generator options (device, dtype, vllm, ...)."""
+    import torch
+
+    from opd_tasks.engines import make_generator
+    from opd_tasks.models import load_tokenizer
     rows = _as_rows(rows)
     before = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(num_threads)
     try:
-        model, tok = load_model(model_path)
-        responses = greedy_generate(model, tok, [r["prompt"] for r in rows], max_new_tokens, token_budget)
+        tok = load_tokenizer(model_path, engine_opts.get("trust_remote_code", False))
+        gen = make_generator(engine, model_path, token_budget=token_budget, progress=False, **engine_opts)
+        return evaluate(gen, tok, rows, max_new_tokens, chat_template=chat_template, source=str(model_path))
     finally:
         torch.set_num_threads(before)
-    return accuracy_by_domain(rows, responses)

@@ -1,17 +1,18 @@
-"""`opd status` and `opd inspect`: how far did a run get, and where did teachers and student disagree?
+"""`opd inspect`: where did teachers and student disagree in a scored stage?
 
-    status_report("runs/demo")                     # per iteration: stage done/partial/missing, checkpoints
     inspect_report("runs/demo", iteration=3)       # per teacher: mean log-prob, KL estimates, mixture share
     inspect_report("runs/demo", sample="3-p7-1")   # ... plus that sample token by token
     inspect_report("runs/demo", offline=True)      # the offline data, + what the filter kept and dropped, and why
 
-Per response token t of a sample (ALGORITHMS.md notation): b = behaviour_logp (the student that
+Per response token t of a sample (docs/algorithms.md notation): b = behaviour_logp (the student that
 sampled), T^k = teacher_logp.NAME, T = teacher_logp (combined). With d = b - T^k:
   k1 = d, k3 = exp(-d) + d - 1 (>= 0); their means over tokens estimate KL(student || teacher) per
   token (k1 unbiased, k3 lower variance). Mixture share of teacher k = mean over tokens of
   w_k p_k / sum_j w_j p_j (weights from provenance): how much of the mixture teacher k carries.
 Disagreement of a token = |b - T|; a sample's is the mean over its tokens. Rows without
 behaviour_logp (offline data) count for teacher means but not for KL or disagreement.
+Rendering: opd_tasks/render.py; `opd status`: opd_tasks/status.py; the offline filter's part:
+opd_tasks/offline/view.py.
 """
 from __future__ import annotations
 
@@ -23,14 +24,12 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import yaml
 
-from opd_tasks.errors import LayoutError, OpdError
-from storage.checkpoints import checkpoint_status, latest_checkpoint, offline_checkpoint_status
-from storage.fs import exists, filesystem, read_bytes
-from storage.layout import STAGES, OFFLINE_STAGES, RunLayout
-from storage.manifest import MANIFEST_NAME, read_manifest, stage_status, stray_files
-from storage.shards import PROVENANCE_KEY, flat_logp, read_stage, teacher_columns
+from opd_tasks.errors import OpdError
+from storage.fs import exists, filesystem
+from storage.layout import RunLayout
+from storage.manifest import MANIFEST_NAME, read_manifest, stage_status
+from storage.shards import PROVENANCE_KEY, TEACHER_PREFIX, flat_logp, read_stage, teacher_columns
 
 CONTEXT_TOKENS = 8
 
@@ -41,48 +40,6 @@ def _f(x: Any, nd: int = 6) -> float | None:
         return None
     x = float(x)
     return round(x, nd) if math.isfinite(x) else None
-
-
-# ---- status ------------------------------------------------------------------------------------------
-
-def status_report(run_dir: str, storage_options: dict | None = None) -> dict:
-    """{"run_dir", "name", "iterations_planned", "iterations": [{"iteration": N, "stages": {stage:
-    "done"|"partial"|"missing"}, "rows": {...}, "stray": {...}, "checkpoint": status}],
-    "latest_checkpoint": {"iteration", "path"} | None, "offline": {stage: status, "checkpoint": status} | None}."""
-    layout = RunLayout(run_dir, storage_options)
-    fs = layout.fs
-    if not layout.exists():
-        raise LayoutError(f"{run_dir}: no run here (missing or empty directory); start one with `opd run`")
-    cfg = {}
-    if exists(fs, layout.run_yaml):
-        try:
-            cfg = yaml.safe_load(read_bytes(fs, layout.run_yaml)) or {}
-        except yaml.YAMLError as err:
-            raise OpdError(f"{layout.url_of(layout.run_yaml)}: not valid YAML ({err})") from None
-    iterations = []
-    for n in sorted(set(layout.iterations()) | set(layout.checkpoint_iterations())):
-        entry: dict[str, Any] = {"iteration": n, "stages": {}, "rows": {}, "stray": {}}
-        for stage in STAGES:
-            d = layout.stage_dir(n, stage)
-            entry["stages"][stage] = stage_status(fs, d)
-            if entry["stages"][stage] == "done" and stage in ("rollout", "scored"):
-                entry["rows"][stage] = read_manifest(fs, d).rows
-            stray = stray_files(fs, d) if entry["stages"][stage] != "missing" else []
-            if stray:
-                entry["stray"][stage] = stray
-        entry["checkpoint"] = checkpoint_status(layout, n)
-        iterations.append(entry)
-    latest = latest_checkpoint(layout)
-    offline = {s: stage_status(fs, layout.offline_dir(s)) for s in OFFLINE_STAGES}
-    offline["checkpoint"] = offline_checkpoint_status(layout)
-    return {
-        "run_dir": layout.url,
-        "name": cfg.get("name") if isinstance(cfg, dict) else None,
-        "iterations_planned": cfg.get("iterations") if isinstance(cfg, dict) else None,
-        "iterations": iterations,
-        "latest_checkpoint": {"iteration": latest[0], "path": layout.url_of(latest[1])} if latest else None,
-        "offline": offline if any(v != "missing" for v in offline.values()) else None,
-    }
 
 
 # ---- inspect: finding the stage ----------------------------------------------------------------------
@@ -118,12 +75,17 @@ def _flat(table: pa.Table, name: str, token_valid: np.ndarray | None = None) -> 
 
 
 def kl_estimates(b: np.ndarray, t: np.ndarray) -> tuple[float, float]:
-    """Token means of k1 = b - t and k3 = exp(t - b) - (t - b) - 1 over finite entries. b, t: [N]."""
+    """Token means of k1 = b - t and k3 = exp(t - b) - (t - b) - 1 (losses.kl_k1_k3) over finite
+    entries. b, t: [N] float64."""
+    import torch
+
+    from opd_tasks.losses import kl_k1_k3
     ok = np.isfinite(b) & np.isfinite(t)
     if not ok.any():
         return math.nan, math.nan
-    r = t[ok] - b[ok]
-    return float(np.mean(-r)), float(np.mean(np.expm1(r) - r))
+    k1, k3 = kl_k1_k3(torch.from_numpy(np.ascontiguousarray(b[ok], np.float64)),
+                      torch.from_numpy(np.ascontiguousarray(t[ok], np.float64)))
+    return float(k1.mean()), float(k3.mean())
 
 
 def mixture_share(teacher_logp: dict[str, np.ndarray], weights: dict[str, float]) -> dict[str, float]:
@@ -165,9 +127,9 @@ def analyze(table: pa.Table, provenance: dict, top: int = 5, sample: str | None 
     b = _flat(table, "behaviour_logp", np.repeat(has_b, resp_len))
     t = _flat(table, "teacher_logp")
     # NaN where a teacher did not score the sample (scoring.teachers: routed)
-    tk = {k: flat_logp(table.column("teacher_logp." + k), resp_len).astype(np.float64) for k in teachers}
+    tk = {k: flat_logp(table.column(TEACHER_PREFIX + k), resp_len).astype(np.float64) for k in teachers}
     weights = {x["name"]: x.get("weight", 1.0) for x in provenance.get("teachers", []) if isinstance(x, dict)}
-    routed = any(table.column("teacher_logp." + k).null_count for k in teachers)
+    routed = any(table.column(TEACHER_PREFIX + k).null_count for k in teachers)
     share = {k: None for k in teachers} if routed else mixture_share(tk, weights)
     per_teacher = []
     for k in teachers:
@@ -268,9 +230,9 @@ def _decoder(tokenizer_path: str | None) -> tuple[Callable[[list[int]], str | No
     if not tokenizer_path:
         return (lambda ids: None), "no tokenizer_path in the shard provenance: showing token ids"
     try:
-        from transformers import AutoTokenizer
+        from opd_tasks.models import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(tokenizer_path)
+        tok = load_tokenizer(tokenizer_path)
     except Exception as err:  # noqa: BLE001 - any failure to load means: show ids
         return (lambda ids: None), f"tokenizer {tokenizer_path!r} unavailable ({type(err).__name__}): showing ids"
     return (lambda ids: tok.decode(ids, skip_special_tokens=False)), f"decoded with {tokenizer_path}"
@@ -289,161 +251,6 @@ def inspect_report(run_dir: str, iteration: int | None = None, sample: str | Non
               "tokenizer": note, "provenance": prov, "stage_extra": manifest.extra if manifest else {}}
     report.update(analyze(table, prov, top=top, sample=sample, decode=decode))
     if offline and it is None and stage_dir.rstrip("/").endswith("offline/scored"):
+        from opd_tasks.offline.view import filter_report
         report["filter"] = filter_report(fs, stage_dir.rstrip("/").rsplit("/", 1)[0] + "/filter", table, top, decode)
     return report
-
-
-def filter_report(fs, filter_dir: str, table: pa.Table, top: int,
-                  decode: Callable[[list[int]], str | None]) -> dict | None:
-    """What the offline filter kept and dropped: counts by reason and by domain, the thresholds, and
-    up to `top` examples per reason (None when the filter has not run)."""
-    m = read_manifest(fs, filter_dir)
-    if m is None:
-        return None
-    from opd_tasks.offline import read_decisions
-    d = read_decisions(fs, filter_dir)
-    row_of = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
-    examples: dict[str, list] = {}
-    for j, why in enumerate(d["reason"]):
-        if len(examples.setdefault(why, [])) >= top:
-            continue
-        i = row_of.get(d["sample_id"][j])
-        ids = table.column("response_ids")[i].as_py() if i is not None else []
-        examples[why].append({"sample_id": d["sample_id"][j], "domain": d["domain"][j], "reward": d["reward"][j],
-                              "teacher_logp_per_token": d["teacher_logp_per_token"][j],
-                              "response_len": d["response_len"][j], "response": decode(ids), "response_ids": ids})
-    return {"filter_dir": filter_dir, **{k: m.extra.get(k) for k in ("rows", "kept", "dropped", "reasons",
-                                                                     "by_domain", "filter")},
-            "examples": examples}
-
-
-# ---- rendering (rich) ---------------------------------------------------------------------------------
-
-_COLOR = {"done": "green", "partial": "yellow", "missing": "dim"}
-
-
-def _console(console=None):
-    from rich.console import Console
-
-    return console or Console()
-
-
-def render_status(report: dict, console=None) -> None:
-    """The status report as a table: one row per iteration, one column per stage + checkpoint."""
-    from rich.table import Table
-
-    con = _console(console)
-    planned = report.get("iterations_planned")
-    title = f"run {report.get('name') or ''} at {report['run_dir']}" + (f" ({planned} iterations planned)" if planned else "")
-    tab = Table(title=title)
-    for c in ("iteration", *STAGES, "checkpoint", "rows (rollout/scored)", "stray files"):
-        tab.add_column(c)
-    for it in report["iterations"]:
-        cells = [f"[{_COLOR[v]}]{v}[/]" for v in (*(it["stages"][s] for s in STAGES), it["checkpoint"])]
-        rows = "/".join(str(it["rows"].get(s, "-")) for s in ("rollout", "scored"))
-        stray = ", ".join(f"{s}: {len(v)}" for s, v in it["stray"].items())
-        tab.add_row(str(it["iteration"]), *cells, rows, stray)
-    con.print(tab)
-    latest = report.get("latest_checkpoint")
-    warm = (report.get("offline") or {}).get("checkpoint") == "done"
-    con.print(f"latest checkpoint: iteration {latest['iteration']} at {latest['path']}" if latest
-              else "latest checkpoint: none (iteration 0 rolls out from the " +
-              ("offline phase's checkpoint, checkpoints/offline)" if warm else "initial student)"))
-    if report.get("offline"):
-        con.print("offline phase: " + ", ".join(f"{s} [{_COLOR[v]}]{v}[/]" for s, v in report["offline"].items()))
-
-
-def _fmt(x: Any) -> str:
-    return "-" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
-
-
-def _ids(ids: list[int], n: int = 24) -> str:
-    return " ".join(map(str, ids[:n])) + (" ..." if len(ids) > n else "")
-
-
-def _tok(text: str | None, token_id: int) -> str:
-    return repr(text) if text is not None else f"#{token_id}"
-
-
-def render_inspect(report: dict, console=None) -> None:
-    """The inspect report as tables: teachers, rewards/lengths, top samples, top tokens, one sample."""
-    from rich.table import Table
-
-    con = _console(console)
-    con.print(f"[bold]{report['stage_dir']}[/] iteration {report.get('iteration')}: {report['samples']} samples, "
-              f"{report['tokens']} response tokens; {report['tokenizer']}")
-    tab = Table(title="teachers vs student (per response token; KL(student||teacher) estimates)")
-    for c in ("teacher", "weight", "mean log-prob", "KL k1", "KL k3", "mixture share"):
-        tab.add_column(c, justify="right")
-    for r in report["teachers"] + [report["combined"]] + ([dict(report["reference"], teacher="reference")]
-                                                        if "reference" in report else []):
-        tab.add_row(r["teacher"], _fmt(r.get("weight")), _fmt(r["mean_logp"]), _fmt(r["kl_k1"]),
-                    _fmt(r["kl_k3"]), _fmt(r.get("mixture_share")))
-    con.print(tab)
-    rw, ln = report["rewards"], report["lengths"]
-    con.print(f"behaviour mean log-prob (of the sampling model: the student, or the generating teacher offline) "
-              f"{_fmt(report['student']['mean_behaviour_logp'])}; reward mean "
-              f"{_fmt(rw['mean'])} (n={rw['count']}, missing {rw['missing']}); response length mean "
-              f"{_fmt(ln['response']['mean'])} max {ln['response']['max']}; finish {ln['finish_reason']}")
-    tab = Table(title="per domain")
-    for c in ("domain", "samples", "tokens", "mean reward", "mean |b - T|"):
-        tab.add_column(c, justify="right")
-    for d in report["domains"]:
-        tab.add_row(str(d["domain"]), str(d["samples"]), str(d["tokens"]), _fmt(d["mean_reward"]), _fmt(d["mean_abs_diff"]))
-    con.print(tab)
-    tab = Table(title="samples with the largest teacher/student disagreement (mean |b - T| per token)")
-    for c in ("sample_id", "domain", "reward", "len", "mean |b - T|", "response"):
-        tab.add_column(c)
-    for s in report["top_samples"]:
-        tab.add_row(s["sample_id"], str(s["domain"]), _fmt(s["reward"]), str(s["response_len"]),
-                    _fmt(s["mean_abs_diff"]), s["response"] if s["response"] is not None else _ids(s["response_ids"]))
-    con.print(tab)
-    tab = Table(title="tokens with the largest disagreement |b - T|")
-    for c in ("sample_id", "pos", "token", "context", "b", "T", "b - T"):
-        tab.add_column(c)
-    for t in report["top_tokens"]:
-        tab.add_row(t["sample_id"], str(t["position"]), _tok(t["token"], t["token_id"]),
-                    repr(t["context"]) if t["context"] is not None else "", _fmt(t["behaviour_logp"]),
-                    _fmt(t["teacher_logp"]), _fmt(t["diff"]))
-    con.print(tab)
-    if report.get("filter"):
-        _render_filter(con, report["filter"])
-    s = report.get("sample")
-    if s:
-        names = list(s["tokens"][0]["teachers"]) if s["tokens"] else []
-        tab = Table(title=f"sample {s['sample_id']} (domain {s['domain']}, reward {_fmt(s['reward'])}, "
-                          f"{s['finish_reason']}); prompt: {s['prompt'] if s['prompt'] is not None else _ids(s['prompt_ids'])}")
-        for c in ("pos", "token", "b", "T", *(f"T.{k}" for k in names), "b - T"):
-            tab.add_column(c, justify="right")
-        for t in s["tokens"]:
-            tab.add_row(str(t["position"]), _tok(t["token"], t["token_id"]), _fmt(t["behaviour_logp"]),
-                        _fmt(t["teacher_logp"]), *(_fmt(t["teachers"][k]) for k in names), _fmt(t["diff"]))
-        con.print(tab)
-        from opd_tasks.inspect_topk import render_topk
-        render_topk(con, s)
-
-
-def _render_filter(con, f: dict) -> None:
-    from rich.table import Table
-
-    con.print(f"[bold]offline filter[/] {f['filter']}: kept {f['kept']} of {f['rows']} rows, dropped {f['dropped']}")
-    tab = Table(title="rows by reason")
-    for c in ("reason", "rows"):
-        tab.add_column(c)
-    for why, n in f["reasons"].items():
-        tab.add_row(why, str(n))
-    con.print(tab)
-    tab = Table(title="per domain")
-    for c in ("domain", "kept", "dropped"):
-        tab.add_column(c, justify="right")
-    for d, v in f["by_domain"].items():
-        tab.add_row(d, str(v["kept"]), str(v["dropped"]))
-    con.print(tab)
-    tab = Table(title="examples")
-    for c in ("reason", "sample_id", "domain", "reward", "teacher logp/token", "len", "response"):
-        tab.add_column(c)
-    for why, rows in f["examples"].items():
-        for r in rows:
-            tab.add_row(why, r["sample_id"], str(r["domain"]), _fmt(r["reward"]), _fmt(r["teacher_logp_per_token"]),
-                        str(r["response_len"]), r["response"] if r["response"] is not None else _ids(r["response_ids"]))
-    con.print(tab)

@@ -114,7 +114,7 @@ def _filter_decisions(stage_dir: str, fs) -> dict | None:
     """sample_id -> the offline filter's reason, when stage_dir is offline/scored and the filter ran."""
     if not stage_dir.rstrip("/").endswith("offline/scored"):
         return None
-    from opd_tasks.offline import read_decisions
+    from opd_tasks.offline.filter import read_decisions
     from storage.manifest import read_manifest
     filter_dir = stage_dir.rstrip("/").rsplit("/", 1)[0] + "/filter"
     if read_manifest(fs, filter_dir) is None:

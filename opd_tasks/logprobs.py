@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import torch
 
+# the torch dtype of each config dtype name (config.Dtype): model loads, engines, the HF export
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def token_logp(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-prob of each token given the tokens before it.
@@ -42,6 +45,91 @@ def gather_response(per_token: torch.Tensor, start: torch.Tensor, response_lens:
     idx = (start.unsqueeze(1) + j.unsqueeze(0)).clamp(max=L - 1)
     values = per_token.gather(1, idx) * mask
     return values, mask
+
+
+def response_positions(start: torch.Tensor, response_lens: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the response tokens of a [B, L] batch are, flattened row-major.
+
+    Returns (pred [T], mask [B, R]): pred[t] = b * L + start[b] + j - 1 is the position whose
+    logits predict response token j of row b (its id sits at pred[t] + 1), for every valid (b, j)
+    in mask order (row-major: mask.nonzero()); T = response_lens.sum().
+    """
+    R = int(response_lens.max()) if len(response_lens) else 0
+    j = torch.arange(R, device=start.device)
+    mask = j.unsqueeze(0) < response_lens.unsqueeze(1)
+    rows = torch.arange(len(start), device=start.device).unsqueeze(1)
+    pred = (rows * length + start.unsqueeze(1) + j.unsqueeze(0) - 1)[mask]
+    return pred, mask
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  temperature: float) -> torch.Tensor:
+    """[c, V] float32 logits of a chunk, computed like the full path: matmul in the model's dtype, then upcast."""
+    lg = torch.nn.functional.linear(hidden, weight, bias).float()
+    return lg / temperature if temperature != 1.0 else lg
+
+
+class _ChunkedLogp(torch.autograd.Function):
+    """log softmax(hidden @ weight.T + bias)[target] chunk by chunk: only [chunk, V] float32 exists at a time.
+
+    Saves hidden [T, H] and the per-token logsumexp [T]; backward recomputes each chunk's logits:
+    d logp_t / d logits_t = onehot(target_t) - softmax_t (divided by the temperature).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, temperature: float):
+        T = hidden.shape[0]
+        out = torch.empty(T, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(T, dtype=torch.float32, device=hidden.device)
+        for s in range(0, T, chunk):
+            lg = _chunk_logits(hidden[s:s + chunk], weight, bias, temperature)
+            lse[s:s + chunk] = torch.logsumexp(lg, dim=-1)
+            out[s:s + chunk] = lg.gather(-1, targets[s:s + chunk].unsqueeze(-1)).squeeze(-1) - lse[s:s + chunk]
+            del lg
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk, ctx.temperature = chunk, temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        chunk, temperature = ctx.chunk, ctx.temperature
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        grad_out = grad_out.float()
+        for s in range(0, hidden.shape[0], chunk):
+            h, g = hidden[s:s + chunk], grad_out[s:s + chunk].unsqueeze(-1)
+            p = _chunk_logits(h, weight, bias, temperature).sub_(lse[s:s + chunk].unsqueeze(-1)).exp_()
+            grad_lg = p.mul_(-g).scatter_add_(-1, targets[s:s + chunk].unsqueeze(-1), g)  # g * (onehot - softmax)
+            if temperature != 1.0:
+                grad_lg.div_(temperature)
+            if need_b:
+                grad_b += grad_lg.sum(0)
+            grad_lg = grad_lg.to(weight.dtype)  # the full path's upcast backward casts here too
+            if need_h:
+                grad_h[s:s + chunk] = grad_lg @ weight
+            if need_w:
+                grad_w += (grad_lg.t() @ h).float()
+            del p, grad_lg
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+
+
+def chunked_token_logp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       bias: torch.Tensor | None = None, temperature: float = 1.0, chunk: int = 1024) -> torch.Tensor:
+    """token_logp for selected positions without the [T, V] float32 tensor, forward or backward.
+
+    hidden: [T, H] final hidden states of the positions that predict `targets` [T] int;
+    weight: [V, H] (and bias [V]) of the output layer. Returns [T] float32
+    log softmax(hidden @ weight.T + bias)[targets] / temperature, equal to the full computation up to
+    float rounding; differentiable in hidden, weight and bias. At most [chunk, V] float32 logits
+    (and one softmax of that size in backward) exist at a time.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunked_token_logp: chunk must be >= 1, got {chunk}")
+    return _ChunkedLogp.apply(hidden, weight, bias, targets.long(), int(chunk), float(temperature))
 
 
 def topk_logp(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,7 @@ sft (negative log-likelihood of given responses: the offline warm start) and top
 the teachers' stored top-k distributions: opd_tasks.losses_topk).
 
 Each loss returns `(loss, metrics)`: a scalar to MINIMIZE and a dict of python floats. The math
-and its notation (s_t, old_t, b_t, T_t, R_t, m_t) are those of docs ALGORITHMS.md.
+and its notation (s_t, old_t, b_t, T_t, R_t, m_t) are those of docs/algorithms.md.
 
 Sign conventions. A per-token reward r_t is "good for the student when high": for rkl
 r_t = T_t - sg(s_t), the teacher liking the sampled token more than the student does. It plays
@@ -205,6 +205,13 @@ def _tis_weight(old: Tensor, behaviour: Optional[Tensor], m: Tensor, cap: Option
     return torch.where(m, (old - behaviour).exp().clamp(max=cap), 0.0)
 
 
+def kl_k1_k3(logp: Tensor, teacher_logp: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token estimates of KL(p || teacher) on tokens sampled from p: with r = T - logp,
+    k1 = -r (unbiased) and k3 = exp(r) - r - 1 (>= 0, lower variance). Elementwise, any shape."""
+    r = teacher_logp - logp
+    return -r, torch.expm1(r) - r
+
+
 def _metrics(loss: Tensor, m: Tensor, old: Tensor, teacher: Tensor, teacher_logps: Optional[dict[str, Tensor]],
              ratio: Tensor, clipped: Tensor, tis: Tensor, extra: dict[str, Tensor]) -> dict[str, float]:
     """One device sync for all metrics: token means over valid tokens, plus counts."""
@@ -213,9 +220,10 @@ def _metrics(loss: Tensor, m: Tensor, old: Tensor, teacher: Tensor, teacher_logp
         mean = lambda x: torch.where(m, x, 0.0).sum() / denom  # noqa: E731
 
         def k1_k3(t: Tensor, mt: Tensor) -> tuple[Tensor, Tensor]:
-            """Token means over mt of k1 = old - t and k3 = exp(t - old) - (t - old) - 1."""
-            r, d = torch.where(mt, t - old, 0.0), mt.sum().clamp(min=1)
-            return (-r).sum() / d, torch.where(mt, r.exp() - r - 1, 0.0).sum() / d
+            """Token means over mt of kl_k1_k3(old, t) (t = old off mt, so no NaN gets in)."""
+            k1, k3 = kl_k1_k3(old, torch.where(mt, t, old))
+            d = mt.sum().clamp(min=1)
+            return torch.where(mt, k1, 0.0).sum() / d, torch.where(mt, k3, 0.0).sum() / d
 
         vals = {"loss": loss.detach(), **extra}
         vals["kl_k1"], vals["kl_k3"] = k1_k3(teacher, m)

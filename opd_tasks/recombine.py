@@ -19,9 +19,10 @@ from opd_tasks.combine import MODES
 from opd_tasks.errors import OpdError
 from opd_tasks.inspect import _find_scored
 from opd_tasks.scoring import recombine
+from opd_tasks.stages import Parts, write_stage
 from storage.fs import filesystem, is_local
-from storage.manifest import read_manifest, remove_tmp_files
-from storage.shards import commit_parts, finished_parts, part_index, read_part, read_provenance, write_part
+from storage.manifest import read_manifest
+from storage.shards import part_index, read_part, read_provenance
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -84,12 +85,12 @@ def recombine_stage(run_dir: str, output: str, iteration: int | None = None, wei
     new_prov = {**prov, "teachers": teachers, "combination": mode, "config_hash": config_hash,
                 "recombined_from": {"stage": src_url, "config_hash": source.config_hash,
                                     "combination": prov.get("combination"), "teachers": prov.get("teachers")}}
-    done = finished_parts(out_fs, out, expect={"config_hash": config_hash})
-    remove_tmp_files(out_fs, out)
-    for part in source.parts:
-        k = part_index(part.name)
-        if k not in done:
-            done[k] = write_part(out_fs, out, k, recombine(read_part(fs, src, part), mode, teachers), new_prov)
-    m = commit_parts(out_fs, out, "scored", done, config_hash, inputs={"scored": src_url},
-                     extra={"recombined": {"combination": mode, "teachers": teachers}})
-    return {**summary, "rows": m.rows, "parts": len(m.parts), "skipped": False}
+    parts = {part_index(p.name): p for p in source.parts}
+
+    def plan() -> Parts:
+        return Parts(keys=list(parts), make=lambda k: (recombine(read_part(fs, src, parts[k]), mode, teachers), new_prov),
+                     inputs={"scored": src_url}, extra={"recombined": {"combination": mode, "teachers": teachers}},
+                     label="recombine")
+
+    res = write_stage(out_fs, out, name="recombined", kind="scored", iteration=it, config_hash=config_hash, plan=plan)
+    return {**summary, "rows": res.rows, "parts": len(parts), "skipped": False}

@@ -1,6 +1,8 @@
 """Scoring stage: every teacher (and the reference for G-OPD) scores every sampled token.
 
     run_scoring(ctx, iteration)   # rollout/part-k.parquet -> scored/part-k.parquet (+ manifest)
+    scoring_parts(cfg, keys, table_of, ...)  # the one scoring loop's parts (for stages.write_stage): also
+                                  # the offline phase's scoring and `opd score` (opd_tasks/offline/)
     score_table(table, scorers, ...)  # the same on any rollout-shaped table (offline `opd score`)
     recombine(table, mode, teachers)  # new combined teacher_logp from stored per-teacher columns
 
@@ -10,9 +12,7 @@ part. Teachers are loaded once per process and kept across iterations (they do n
 from __future__ import annotations
 
 import logging
-import os
-import time
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -22,13 +22,12 @@ from opd_tasks.combine import CombinationError, check_domains, combine
 from opd_tasks.config import ModelConfig, RunConfig
 from opd_tasks.context import RunContext
 from opd_tasks.engines.base import Scorer
-from opd_tasks.errors import ModelPathError, OpdError, ShardError
-from opd_tasks.stages import StageResult
+from opd_tasks.errors import OpdError, ShardError
+from opd_tasks.models import local_model_dir
+from opd_tasks.stages import Parts, StageResult, write_stage
 from opd_tasks.tokenizers import check_same_tokenizer
-from storage.faults import fault_point
-from storage.manifest import read_manifest, remove_tmp_files
-from storage.shards import (TEACHER_PREFIX, build_provenance, flat_logp, commit_parts, finished_parts, part_index, read_part,
-                            scored_table, write_part)
+from storage.manifest import read_manifest
+from storage.shards import TEACHER_PREFIX, build_provenance, flat_logp, part_index, read_part, scored_table
 
 log = logging.getLogger("opd.scoring")
 REF = "__ref__"
@@ -84,13 +83,14 @@ def _reference_calls(cfg: RunConfig, domains: list[str | None], ref_path: str) -
 
 
 def score_table(table: pa.Table, scorers: Mapping[str, Scorer], cfg: RunConfig, with_ref: bool,
-                ref_path: str | None = None) -> pa.Table:
+                ref_path: str | None = None, where: str = "", first_row: int = 0) -> pa.Table:
     """Rollout-shaped table -> scored table: teacher_logp.NAME for each teacher (null on the rows it
     does not score when scoring is routed: routed_rows), the combination, and ref_logp when
     `with_ref`: the run's reference (scorers[REF], at `ref_path`) on every row, or under route each
     row by its teacher's reference (scorers[REF + path], see references); with scoring.top_k = K each
     teacher's teacher_topk_ids/logp.NAME (K per response token, from the same forward; null where
-    its teacher_logp.NAME is)."""
+    its teacher_logp.NAME is). `where` (the input and its part) and `first_row` (the table's first
+    row in that input) name a bad row in errors."""
     prompts, _ = _lists(table, "prompt_ids")
     responses, _ = _lists(table, "response_ids")
     domains = table.column("domain").to_pylist()
@@ -117,8 +117,10 @@ def score_table(table: pa.Table, scorers: Mapping[str, Scorer], cfg: RunConfig, 
         for i, lp in zip(idx, out):
             if len(lp) != len(responses[i]) or not np.isfinite(lp).all():
                 who = f"reference {name[len(REF):] or ''}".strip() if name.startswith(REF) else f"teacher {name!r}"
-                raise ShardError(f"{who} returned {'non-finite' if len(lp) == len(responses[i]) else 'misaligned'} "
-                                 f"log-probs for sample {table.column('sample_id')[int(i)].as_py()!r}; check that "
+                raise ShardError(f"{where + ': ' if where else ''}{who} returned "
+                                 f"{'non-finite' if len(lp) == len(responses[i]) else 'misaligned'} log-probs for "
+                                 f"sample {table.column('sample_id')[int(i)].as_py()!r} (row {first_row + int(i)}); "
+                                 f"check that "
                                  f"model's weights and dtype (NaN/inf usually means overflow in float16)")
         full: list[np.ndarray | None] = [None] * table.num_rows
         for i, lp in zip(idx, out):
@@ -184,9 +186,7 @@ def teacher_provenance(cfg: RunConfig) -> list[dict]:
 
 
 def _present(path: str, role: str) -> str:
-    if not os.path.isdir(path):
-        raise ModelPathError(f"{role} path {path!r} does not exist; check the config's model paths "
-                             f"(teachers[].path, reference.path)")
+    local_model_dir(path, role, need_config=False)  # a URL: copied into the node's model cache
     return path
 
 
@@ -209,7 +209,7 @@ _SCORERS: dict[tuple, Scorer] = {}
 def get_scorers(cfg: RunConfig, with_ref: bool, ref_path: str) -> dict[str, Scorer]:
     """Teachers (and the references) loaded once per process, each distinct model once;
     scoring.engine picks the backend."""
-    from opd_tasks.engines import make_scorer
+    from opd_tasks.engines import hf_device, make_scorer
     s = cfg.scoring
     wanted = [(t.name, t.path, t.dtype, t.trust_remote_code, t.url) for t in cfg.teachers]
     if with_ref:
@@ -225,46 +225,69 @@ def get_scorers(cfg: RunConfig, with_ref: bool, ref_path: str) -> dict[str, Scor
         key = (s.engine, path, dtype, url, vllm_kw.get("max_logprobs"))
         if key not in _SCORERS:
             _SCORERS[key] = make_scorer(s.engine, path, dtype=dtype, token_budget=s.token_budget, vllm=vllm_kw,
-                                        url=url, max_concurrency=s.max_concurrency, trust_remote_code=trc)
+                                        url=url, max_concurrency=s.max_concurrency, trust_remote_code=trc,
+                                        device=hf_device(cfg) if s.engine == "hf" else None)
         out[name] = _SCORERS[key]
     return out
 
 
+def stage_parts(layout, src: str, what: str) -> tuple[list[int], Callable[[int], pa.Table], Callable[[int], dict]]:
+    """(part indices, k -> table of part k, k -> where part k is for errors: {where, first_row}) of
+    the committed stage at `src`, or OpdError naming it."""
+    m = read_manifest(layout.fs, src)
+    if m is None:
+        raise OpdError(f"{layout.url_of(src)}: the {what} stage is not complete; run it first (opd resume)")
+    parts = {part_index(p.name): p for p in m.parts}
+    first = {part_index(p.name): sum(q.rows or 0 for q in m.parts[:i]) for i, p in enumerate(m.parts)}
+    return (list(parts), lambda k: read_part(layout.fs, src, parts[k]),
+            lambda k: {"where": f"{layout.url_of(src)} part {parts[k].name}", "first_row": first[k]})
+
+
+def scoring_parts(cfg: RunConfig, keys: list[int], table_of: Callable[[int], pa.Table], *, student: str,
+                  with_ref: bool, ref_path: str, provenance: dict, inputs: dict, label: str,
+                  vocab_size: int | None = None, fault: str | None = None, metrics: dict | None = None,
+                  where_of: Callable[[int], dict] | None = None) -> Parts:
+    """The scoring of a stage, for write_stage: part k = score_table(table_of(k)), every teacher (and
+    the references when with_ref). Tokenizers are checked and scorers loaded at the first missing
+    part only. provenance: the parts' build_provenance fields besides teachers/tokenizer; where_of(k):
+    score_table's where/first_row for part k (a bad row names its input, part and row)."""
+    setup: dict = {}
+
+    def make(k: int) -> tuple[pa.Table, dict]:
+        if not setup:
+            fingerprint = check_tokenizers(cfg, student, with_ref, ref_path)
+            setup["scorers"] = get_scorers(cfg, with_ref, ref_path)
+            setup["prov"] = build_provenance("scored", teachers=teacher_provenance(cfg), combination=cfg.combination,
+                                             tokenizer_path=student, tokenizer_fingerprint=fingerprint,
+                                             top_k=cfg.scoring.top_k or None, **provenance)
+        return (score_table(table_of(k), setup["scorers"], cfg, with_ref, ref_path, **(where_of(k) if where_of else {})),
+                setup["prov"])
+
+    return Parts(keys=keys, make=make, inputs=inputs, vocab_size=vocab_size, fault=fault, label=label,
+                 metrics=metrics or {})
+
+
 def run_scoring(ctx: RunContext, iteration: int) -> StageResult:
     """Write the scored stage of `iteration` from its rollout stage (finished parts are kept)."""
-    fs = ctx.layout.fs
     src, stage = ctx.stage_dir(iteration, "rollout"), ctx.stage_dir(iteration, "scored")
-    t0 = time.perf_counter()
-    if (m := read_manifest(fs, stage)) is not None:
-        return StageResult(stage="scored", iteration=iteration, rows=m.rows, skipped=True)
-    rollout = read_manifest(fs, src)
-    if rollout is None:
-        raise OpdError(f"{ctx.layout.url_of(src)}: the rollout stage is not complete; run it first (opd resume)")
     cfg, with_ref = ctx.cfg, ctx.cfg.needs_reference
     student = ctx.student_path(iteration)
-    done = finished_parts(fs, stage, expect={"config_hash": ctx.config_hash})
-    remove_tmp_files(fs, stage)  # left by a write that a crash interrupted
-    todo = [(part_index(p.name), p) for p in rollout.parts if part_index(p.name) not in done]
-    tokens = 0
-    if todo:
-        fingerprint = check_tokenizers(cfg, student, with_ref, ctx.reference_path)
-        scorers = get_scorers(cfg, with_ref, ctx.reference_path)
-        prov = build_provenance("scored", iteration=iteration, config_hash=ctx.config_hash,
-                                teachers=teacher_provenance(cfg), combination=cfg.combination,
-                                tokenizer_path=student, tokenizer_fingerprint=fingerprint,
-                                student_checkpoint=student, reference=ctx.reference_path if with_ref else None,
-                                engine=cfg.scoring.engine, scoring_teachers="routed" if cfg.routed_scoring else "all",
-                                teacher_references=teacher_references(cfg, ctx.reference_path) if with_ref else None,
-                                top_k=cfg.scoring.top_k or None)
-        for k, part in todo:
-            table = score_table(read_part(fs, src, part), scorers, cfg, with_ref, ctx.reference_path)
-            tokens += int(pc.sum(pc.list_value_length(table.column("response_ids"))).as_py() or 0)
-            done[k] = write_part(fs, stage, k, table, prov)
-            fault_point("scored.part")
-            log.info("scored iter %d part %s: %d samples x %d teachers", iteration, part.name, table.num_rows,
-                     len(cfg.teachers) + with_ref)
-    m = commit_parts(fs, stage, "scored", done, ctx.config_hash,
-                     inputs={"rollout": ctx.layout.url_of(src), "teachers": teacher_provenance(cfg),
-                             "reference": ctx.reference_path if with_ref else None})
-    return StageResult(stage="scored", iteration=iteration, rows=m.rows, seconds=time.perf_counter() - t0,
-                       tokens=tokens)
+    reference = ctx.reference_path if with_ref else None
+
+    def plan() -> Parts:
+        keys, table_of, where_of = stage_parts(ctx.layout, src, "rollout")
+        return scoring_parts(cfg, keys, table_of, student=student, with_ref=with_ref, ref_path=ctx.reference_path,
+                             where_of=where_of,
+                             provenance=dict(iteration=iteration, config_hash=ctx.config_hash,
+                                             student_checkpoint=student, reference=reference,
+                                             engine=cfg.scoring.engine,
+                                             scoring_teachers="routed" if cfg.routed_scoring else "all",
+                                             teacher_references=teacher_references(cfg, ctx.reference_path)
+                                             if with_ref else None),
+                             inputs={"rollout": ctx.layout.url_of(src), "teachers": teacher_provenance(cfg),
+                                     "reference": reference},
+                             label=f"scored iter {iteration} ({len(cfg.teachers) + with_ref} models)",
+                             fault="scored.part")
+
+    return write_stage(ctx.layout.fs, stage, name="scored", kind="scored", iteration=iteration,
+                       config_hash=ctx.config_hash, plan=plan)

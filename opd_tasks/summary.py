@@ -32,16 +32,16 @@ def teacher_kl(ctx: RunContext, iteration: int) -> dict[str, float]:
     import pyarrow.compute as pc
 
     from opd_tasks.inspect import kl_estimates
-    from storage.shards import flat_logp, read_stage
+    from storage.shards import TEACHER_PREFIX, flat_logp, read_stage
     names = [t.name for t in ctx.cfg.teachers]
-    cols = ["domain", "behaviour_logp", *(f"teacher_logp.{n}" for n in names)]
+    cols = ["domain", "behaviour_logp", *(TEACHER_PREFIX + n for n in names)]
     table = read_stage(ctx.layout.fs, ctx.stage_dir(iteration, "scored"), columns=cols)
     out = {}
     for t in ctx.cfg.teachers:
         sel = table.filter(pc.equal(table.column("domain"), t.domain)) if t.domain else table
         b = pc.list_flatten(sel.column("behaviour_logp")).to_numpy(zero_copy_only=False)
         lens = pc.list_value_length(sel.column("behaviour_logp")).to_numpy(zero_copy_only=False)
-        tl = flat_logp(sel.column(f"teacher_logp.{t.name}"), lens)  # routed: scored on this domain
+        tl = flat_logp(sel.column(TEACHER_PREFIX + t.name), lens)  # routed: scored on this domain
         out[t.name] = kl_estimates(np.asarray(b, np.float64), np.asarray(tl, np.float64))[0] if len(b) else None
     return out
 

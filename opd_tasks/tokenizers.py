@@ -1,4 +1,5 @@
-"""Tokenizer identity: teachers, reference and student must share one vocabulary (ALGORITHMS.md).
+"""Tokenizer identity: teachers, reference and student must share one vocabulary
+(docs/algorithms.md, "Alignment rules").
 
     fp = tokenizer_fingerprint("models/student")           # sha256 hex, stable across reloads
     check_same_tokenizer("models/student", "models/math", "math")   # TokenizerMismatchError if not

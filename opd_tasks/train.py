@@ -4,7 +4,7 @@ Reads the resolved run config and the iteration's scored stage, initializes the 
 previous checkpoint (model + optimizer + step + RNG, via torch.distributed.checkpoint) or from an
 HF model directory, recomputes old_t once, runs train.epochs x train.mini_batches optimizer steps
 of token-budget micro-batches, and writes:
-    OUT/dcp/, OUT/train_state.json, OUT/hf/ (safetensors + tokenizer), OUT/_MANIFEST.json (last)
+    OUT/dcp/ (model, optimizer, step, RNG), OUT/hf/ (safetensors + tokenizer), OUT/_MANIFEST.json (last)
     TRAIN_DIR/metrics.json, TRAIN_DIR/_MANIFEST.json (last of all)
 Rank 0 prints one `opd-train step {json}` line per optimizer step; a failing rank prints
 `opd-train error (rank R): ...` before exiting non-zero.
@@ -18,9 +18,8 @@ Rank 0 prints one `opd-train step {json}` line per optimizer step; a failing ran
 
 --init-checkpoint takes the previous iteration's checkpoint dir, or the student's HF model
 directory for iteration 0. Every path may be an fsspec URL (s3://...). From Python:
-    run_training(ctx, iteration)      # a run's train stage: paths from the run layout, skip if done
-    opd_tasks.trainer.launch.launch_training(...)   # Prefect-free torchrun launcher, explicit paths
-    opd_tasks.trainer.task.train_task(...)          # the same as a Prefect task
+    opd_tasks.trainer.stage.run_training(ctx, iteration)   # a run's train stage: paths from the layout, skip if done
+    opd_tasks.trainer.launch.launch_training(...)   # the torchrun launcher, explicit paths
 """
 from __future__ import annotations
 
@@ -31,13 +30,7 @@ import traceback
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-ERROR_MARKER = "opd-train error"
-
-
-def run_training(ctx, iteration: int, **kwargs):
-    """The train stage of a run (flows/iteration.py): see opd_tasks.trainer.stage.run_training."""
-    from opd_tasks.trainer.stage import run_training as run_stage
-    return run_stage(ctx, iteration, **kwargs)
+from opd_tasks.trainer import ERROR_MARKER
 
 
 def parse_args(argv: list[str] | None = None):

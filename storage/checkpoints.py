@@ -2,9 +2,9 @@
 Paths and completeness only: the trainer writes the files (torch DCP, save_pretrained).
 
     RUN/checkpoints/iter-000003/     the student AFTER training iteration 3 (rollout of iteration 4)
-      dcp/                           torch.distributed.checkpoint train state (has dcp/.metadata)
+      dcp/                           torch.distributed.checkpoint train state: model, optimizer, step, RNG
+                                     (has dcp/.metadata)
       hf/                            HF export: config.json, *.safetensors, tokenizer files
-      train_state.json               step, RNG states (written by the trainer)
       _MANIFEST.json                 written last by commit_checkpoint
 
 A checkpoint is complete exactly when its _MANIFEST.json exists. commit_checkpoint writes it only
@@ -26,13 +26,12 @@ from typing import Sequence
 import fsspec
 
 from storage.errors import ManifestError
-from storage.fs import TMP_SUFFIX, exists
+from storage.fs import TMP_SUFFIX, exists, size
 from storage.layout import RunLayout
 from storage.manifest import (MANIFEST_NAME, Manifest, Status, commit_manifest, describe_file, read_manifest,
                               stage_files, stage_status)
 
 REQUIRED_FILES = ("dcp/.metadata", "hf/config.json")
-TRAIN_STATE_NAME = "train_state.json"
 CHECKSUM_MAX_BYTES = 64 << 20
 
 
@@ -58,11 +57,6 @@ def hf_dir(where: RunLayout | str, n: int | None = None) -> str:
     return posixpath.join(_dir(where, n), "hf")
 
 
-def train_state_path(where: RunLayout | str, n: int | None = None) -> str:
-    """train_state.json (step, RNG states, ...) of a checkpoint, written by the trainer."""
-    return posixpath.join(_dir(where, n), TRAIN_STATE_NAME)
-
-
 def is_complete(where: RunLayout | fsspec.AbstractFileSystem, n_or_path: int | str) -> bool:
     """is_complete(layout, n) or is_complete(fs, checkpoint_dir): its _MANIFEST.json exists."""
     if isinstance(where, RunLayout):
@@ -83,8 +77,8 @@ def commit_checkpoint(layout: RunLayout, n: int, config_hash: str | None = None,
                             f"save again before committing")
     parts = []
     for f in files:
-        size = int(layout.fs.size(posixpath.join(d, f)))
-        parts.append(describe_file(layout.fs, d, f, checksum=size <= checksum_max_bytes))
+        n = size(layout.fs, posixpath.join(d, f))
+        parts.append(describe_file(layout.fs, d, f, checksum=n <= checksum_max_bytes))
     m = Manifest(stage="checkpoint", config_hash=config_hash, inputs=inputs or {}, parts=parts,
                  extra={"iteration": n, **(extra or {})})
     commit_manifest(layout.fs, d, m)

@@ -226,15 +226,6 @@ def _check_lengths(arrays: list, fields: list, n: int) -> None:
 
 # ---- validation -------------------------------------------------------------------------------------
 
-def expected_schema(kind: str, teacher_names: Sequence[str] | None = None, with_ref: bool = False,
-                    top_k: int = 0) -> pa.Schema:
-    if kind == "rollout":
-        return rollout_schema()
-    if kind == "scored":
-        return scored_schema(teacher_names or [], with_ref, top_k)
-    raise ShardError(f"shard kind {kind!r} is unknown; use 'rollout' or 'scored'")
-
-
 def check_columns(schema: pa.Schema, kind: str, teacher_names: Sequence[str] | None, source: str,
                   top_k: int = 0) -> pa.Schema:
     """Every expected column present with its type, and exactly the declared teachers' columns
@@ -253,11 +244,13 @@ def check_columns(schema: pa.Schema, kind: str, teacher_names: Sequence[str] | N
         if sorted(have) != sorted(teacher_names):
             raise ShardError(f"{source}: teacher columns {have} do not match the declared teachers "
                              f"{list(teacher_names)}; write one teacher_logp.NAME column per configured teacher")
+    elif kind != "rollout":
+        raise ShardError(f"shard kind {kind!r} is unknown; use 'rollout' or 'scored'")
     elif have:
         raise ShardError(f"{source}: rollout shard has teacher columns {have}; write it as kind='scored'")
     if top_k and (not isinstance(top_k, int) or top_k < 0 or kind != "scored"):
         raise ShardError(f"{source}: provenance top_k={top_k!r} must be an integer >= 0 on a scored shard")
-    exp = expected_schema(kind, teacher_names, with_ref="ref_logp" in schema.names)
+    exp = rollout_schema() if kind == "rollout" else scored_schema(teacher_names, "ref_logp" in schema.names)
     if top_k:
         topk_names = sorted({c.split(".", 1)[1] for c in topk_cols})
         if not topk_names or set(topk_names) - set(teacher_names):
@@ -277,8 +270,9 @@ def check_columns(schema: pa.Schema, kind: str, teacher_names: Sequence[str] | N
 
 
 def _sample(table: pa.Table, row: int) -> str:
+    """The sample_id of `row` and the row (counted from 0 in `source`, the part or table checked)."""
     try:
-        return repr(table.column("sample_id")[int(row)].as_py())
+        return f"{table.column('sample_id')[int(row)].as_py()!r} (row {int(row)})"
     except Exception:  # noqa: BLE001 - naming the row is enough when sample_id is itself broken
         return f"(row {int(row)})"
 

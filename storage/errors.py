@@ -23,3 +23,11 @@ class LayoutError(OpdError):
 
 class DataError(OpdError):
     """A dataset (prompts, offline responses) that is missing, empty, or lacks required columns."""
+
+
+class StorageError(OpdError):
+    """A storage call that kept failing (after retries): unreachable, throttled, or refused."""
+
+
+class StorageFullError(StorageError):
+    """A write refused for lack of space or because the storage is read-only: waiting will not fix it."""

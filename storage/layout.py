@@ -27,6 +27,7 @@ from storage.fs import (append_jsonl, filesystem, is_local, list_dir, read_json,
 STAGES = ("rollout", "scored", "train", "eval")
 OFFLINE_STAGES = ("rollout", "scored", "filter", "train", "evaluation")
 OFFLINE = "offline"
+OFFLINE_ITERATION = -1  # the offline phase's "iteration": its shards' iteration column, the trainer's argument
 ITER_RE = re.compile(r"^iter-(\d{6})$")
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

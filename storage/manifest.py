@@ -20,7 +20,8 @@ import fsspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from storage.errors import ManifestError
-from storage.fs import TMP_SUFFIX, exists, list_dir, read_bytes, sha256_hex, write_bytes_atomic, write_json_atomic
+from storage.fs import (TMP_SUFFIX, exists, list_dir, read_bytes, sha256_hex, size, write_bytes_atomic,
+                        write_json_atomic)
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "_MANIFEST.json"
@@ -99,7 +100,7 @@ def describe_file(fs: fsspec.AbstractFileSystem, stage_dir: str, name: str, chec
     if checksum:
         data = read_bytes(fs, path)
         return PartInfo(name=name, rows=rows, bytes=len(data), sha256=sha256_hex(data))
-    return PartInfo(name=name, rows=rows, bytes=int(fs.size(path)))
+    return PartInfo(name=name, rows=rows, bytes=size(fs, path))
 
 
 def commit_manifest(fs: fsspec.AbstractFileSystem, stage_dir: str, manifest: Manifest) -> str:
@@ -114,9 +115,9 @@ def commit_manifest(fs: fsspec.AbstractFileSystem, stage_dir: str, manifest: Man
         if not exists(fs, path):
             raise ManifestError(f"{path}: part listed in the manifest was never written; write it before "
                                 f"committing the manifest")
-        size = int(fs.size(path))
-        if size != p.bytes:
-            raise ManifestError(f"{path}: {size} bytes on storage but {p.bytes} in the manifest entry")
+        n = size(fs, path)
+        if n != p.bytes:
+            raise ManifestError(f"{path}: {n} bytes on storage but {p.bytes} in the manifest entry")
     path = manifest_path(stage_dir)
     write_json_atomic(fs, path, manifest.model_dump(mode="json"))
     return path

@@ -33,7 +33,7 @@ from storage.columns import (TEACHER_PREFIX, check_columns, check_teacher_names,
                              list_column, pack, rollout_schema, rollout_table, scored_schema, scored_table,
                              teacher_columns, validate_table, validate_topk)
 from storage.errors import ManifestError, ShardError
-from storage.fs import exists, filesystem, list_dir, read_bytes, sha256_hex
+from storage.fs import exists, filesystem, list_dir, read_bytes, retried, sha256_hex
 from storage.manifest import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, PartInfo, commit_manifest,  # noqa: F401
                               read_manifest, read_part_verified, stage_status, stray_files, write_file_part)
 
@@ -256,8 +256,7 @@ def _stage_files(fs: fsspec.AbstractFileSystem, manifest: Manifest, stage_dir: s
     for p in manifest.parts:
         path = posixpath.join(stage_dir, p.name)
         try:
-            with fs.open(path, "rb") as f:
-                s = pq.read_schema(f)
+            s = _read_schema(fs, path)
         except FileNotFoundError:
             raise ManifestError(f"{path}: listed in {MANIFEST_NAME} but missing; delete the manifest to "
                                 f"redo the stage") from None
@@ -329,12 +328,20 @@ def read_provenance(fs: fsspec.AbstractFileSystem, path: str) -> dict:
         path = posixpath.join(path, names[0])
     if not exists(fs, path):
         raise ShardError(f"{path}: no such shard")
-    with fs.open(path, "rb") as f:
-        try:
-            schema = pq.read_schema(f)
-        except (pa.ArrowException, OSError, ValueError) as err:
-            raise ShardError(f"{path}: not a readable Parquet file ({err})") from None
+    try:
+        schema = _read_schema(fs, path)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise ShardError(f"{path}: not a readable Parquet file ({err})") from None
     return _provenance(schema, path)
+
+
+def _read_schema(fs: fsspec.AbstractFileSystem, path: str) -> pa.Schema:
+    """The footer's schema; I/O errors (OSError) are retried (storage.fs.retried), a corrupt footer
+    (ArrowInvalid) is not."""
+    def read() -> pa.Schema:
+        with fs.open(path, "rb") as f:
+            return pq.read_schema(f)
+    return retried(fs, path, "reading its Parquet footer", read)
 
 
 def load_hf_dataset(stage_dir: str, storage_options: dict | None = None, columns: Sequence[str] | None = None,

@@ -1,4 +1,4 @@
-"""Teacher combination (ALGORITHMS.md, "Several teachers") against float64 hand computations."""
+"""Teacher combination (docs/algorithms.md, "Several teachers") against float64 hand computations."""
 import math
 
 import numpy as np

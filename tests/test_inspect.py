@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from opd_tasks.errors import ManifestError, OpdError
-from opd_tasks.inspect import (analyze, inspect_report, kl_estimates, mixture_share, render_inspect, render_status,
-                               status_report)
+from opd_tasks.inspect import analyze, inspect_report, kl_estimates, mixture_share
+from opd_tasks.render import render_inspect, render_status
+from opd_tasks.status import status_report
 from storage.layout import RunLayout
 from storage.shards import build_provenance, rollout_table, scored_table
 

@@ -150,7 +150,7 @@ def test_large_iterations_are_sampled_and_kl_is_per_teacher_on_its_domain(view):
 def test_offline_view_shows_the_filters_reasons(tmp_path, tiny_world):
     from opd_tasks.config import parse_config
     from opd_tasks.context import prepare_run
-    from opd_tasks.offline import run_offline_filter
+    from opd_tasks.offline.filter import run_offline_filter
     from tiny_world import tiny_config
 
     ctx = prepare_run(parse_config(tiny_config(tiny_world, offline={"filter": {"min_reward": 0.5}})),

@@ -34,7 +34,7 @@ def _returns(r_row, m_row, gamma):
 
 
 def reference(p, s, T, m, old=None, b=None, R=None, A=None, rewards=None, normalizer=None):
-    """Loss and d loss / d s of ALGORITHMS.md, written out per token. Tensors in, floats out."""
+    """Loss and d loss / d s of docs/algorithms.md, written out per token. Tensors in, floats out."""
     s, T, m = s.tolist(), T.tolist(), m.tolist()
     old = s if old is None else old.tolist()
     b = b.tolist() if b is not None else None

@@ -30,14 +30,27 @@ def test_cli_help_lists_every_subcommand():
 
 
 def test_layers_import_one_way():
-    """flows -> opd_tasks -> storage; storage never imports torch or opd_tasks; losses only torch."""
+    """flows -> opd_tasks -> storage; storage never imports torch or opd_tasks; losses only torch;
+    Prefect only in flows/."""
     for p in (ROOT / "storage").glob("*.py"):
         src = p.read_text()
-        assert not re.search(r"^\s*(from|import) (opd_tasks|flows|torch)\b", src, re.M), p
+        assert not re.search(r"^\s*(from|import) (opd_tasks|flows|torch|prefect)\b", src, re.M), p
     for p in (ROOT / "opd_tasks").rglob("*.py"):
-        assert not re.search(r"^\s*(from|import) flows\b", p.read_text(), re.M), p
+        assert not re.search(r"^\s*(from|import) (flows|prefect)\b", p.read_text(), re.M), p
     pure = {"__future__", "math", "dataclasses", "typing", "torch"}
     for name, allowed in (("losses.py", pure | {"opd_tasks.losses_topk"}), ("losses_topk.py", pure | {"opd_tasks.losses"})):
         src = (ROOT / "opd_tasks" / name).read_text()  # the loss math: torch and each other only
         imported = set(re.findall(r"^\s*(?:from|import) ([\w.]+)", src, re.M))
         assert imported <= allowed, (name, imported)
+
+
+def test_every_repository_path_named_in_code_and_docs_exists():
+    """A path into the repository (configs/..., docs/..., opd_tasks/..., ...) named in a Python file
+    (docstrings, comments, messages) or a Markdown file must exist: no pointer to a missing document."""
+    tops = sorted(p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith("."))
+    named = re.compile(r"(?<![\w/.-])((?:%s)/[\w./-]*[\w-])" % "|".join(map(re.escape, tops)))
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py", "*.md"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    missing = [(f, m) for f in files if (ROOT / f).is_file()
+               for m in named.findall((ROOT / f).read_text()) if not (ROOT / m).exists()]
+    assert not missing, missing

@@ -12,7 +12,7 @@ from opd_tasks.config import parse_config
 from opd_tasks.context import prepare_run
 from opd_tasks.engines.hf import HFScorer
 from opd_tasks.errors import DataError, TokenizerMismatchError
-from opd_tasks.offline import score_offline
+from opd_tasks.offline.score import score_offline
 from opd_tasks.rollout import iteration_prompts, run_rollout
 from opd_tasks.scoring import recombine, run_scoring, teacher_provenance
 from storage.manifest import read_manifest

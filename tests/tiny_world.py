@@ -32,7 +32,7 @@ def tiny_config(world: dict, **over) -> dict:
            "rollout": {"prompts_per_iteration": 6, "group_size": 2, "max_new_tokens": 6, "rows_per_part": 4},
            "train": {"mini_batches": 2, "lr": 1e-3, "micro_batch_tokens": 256},
            "eval": {"every": 1, "max_new_tokens": 4, "max_prompts": 8},
-           "data": {"train": world["prompts"], "eval": world["prompts"]}}
+           "data": {"train": world["prompts"], "eval": world["prompts"], "verifiers": {"x": "exact", "y": "exact"}}}
     for k, v in over.items():
         cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
     return cfg

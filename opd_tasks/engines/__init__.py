@@ -39,6 +39,21 @@ class EngineInputError(OpdError):
     """Input an engine cannot run on: token ids outside the vocabulary, empty prompts, bad options."""
 
 
+def hf_device(cfg) -> str:
+    """The torch device of the hf engines of run config `cfg`: train.device, where 'auto' is cuda
+    when torch sees a GPU, else cpu (vllm and remote engines place themselves)."""
+    device = cfg.train.device
+    if device == "auto":
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise EngineInputError("train.device=cuda but torch sees no CUDA device (the hf engines run there "
+                                   "too); set train.device: cpu or auto")
+    return device
+
+
 def make_generator(kind: str, model_path: str, **opts: Any):
     """A Generator of the given kind (hf / vllm / remote) for the model at model_path."""
     return _engine_class(kind, "generator")(model_path, **_opts_for(kind, opts))

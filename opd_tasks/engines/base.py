@@ -14,7 +14,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy decoding (evaluation)
     top_p: float = 1.0      # 1.0: no truncation (unbiased behaviour log-probs)
     top_k: int = -1         # -1: disabled
     max_new_tokens: int = 32

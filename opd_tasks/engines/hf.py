@@ -31,24 +31,12 @@ import torch
 from opd_tasks.engines import EngineInputError
 from opd_tasks.engines.base import Sample, SamplingParams, TopKScores
 from opd_tasks.errors import ModelPathError
-from opd_tasks.logprobs import gather_response, token_logp, topk_logp
+from opd_tasks.logprobs import DTYPES, gather_response, token_logp, topk_logp
+from opd_tasks.models import load_causal_lm, load_safetensors, load_tokenizer, local_model_dir
+from opd_tasks.packing import pack
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # float32 logits of at most this many bytes at once (the [N, V] head output is chunked by rows)
 LOGITS_BYTES = 32 << 20
-
-
-def pack_by_budget(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
-    """Indices sorted by length (longest first, stable), packed greedily into batches whose
-    padded size len(batch) * max_len stays <= token_budget (a longer row goes alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= token_budget:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
 
 
 def sampling_logp(logits: torch.Tensor, temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0) -> torch.Tensor:
@@ -70,22 +58,24 @@ def sampling_logp(logits: torch.Tensor, temperature: float = 1.0, top_k: int = -
 
 class _HFEngine:
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu", token_budget: int = 32768,
-                 trust_remote_code: bool = False, progress: bool | None = None):
+                 trust_remote_code: bool = False, progress: bool | None = None, model=None):
         if dtype not in DTYPES:
             raise EngineInputError(f"hf engine: dtype {dtype!r} is not one of {sorted(DTYPES)}")
         if token_budget <= 0:
             raise EngineInputError(f"hf engine: token_budget must be > 0, got {token_budget}")
+        if model is not None:  # an in-memory model (e.g. one being trained): used as is, on its device
+            device = model.device
         self.model_path, self.device, self.token_budget = str(model_path), torch.device(device), token_budget
         self.progress = sys.stderr.isatty() if progress is None else progress
-        self.model = load_causal_lm(model_path, dtype, device, trust_remote_code)
+        local = str(model_path) if model is not None else local_model_dir(model_path)  # a URL: the node's cached copy
+        self.model = model if model is not None else load_causal_lm(local, dtype, device, trust_remote_code)
         cfg = self.model.config
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         gcfg = getattr(self.model, "generation_config", None)
         eos = _first_set(getattr(gcfg, "eos_token_id", None), getattr(cfg, "eos_token_id", None))
-        if eos is None and any((Path(model_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            from opd_tasks.models import load_tokenizer
-            eos = load_tokenizer(model_path, trust_remote_code).eos_token_id
+        if eos is None and any((Path(local) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            eos = load_tokenizer(local, trust_remote_code).eos_token_id
         self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or ()))
         pad = _first_set(getattr(gcfg, "pad_token_id", None), getattr(cfg, "pad_token_id", None),
                          self.eos_ids[0] if self.eos_ids else 0)
@@ -94,16 +84,8 @@ class _HFEngine:
         self.last_stats: dict = {}
 
     def load_weights(self, path: str) -> None:
-        """Copy the weights of an HF export directory (*.safetensors) into the model in place."""
-        from safetensors.torch import load_file
-
-        files = sorted(Path(path).glob("*.safetensors"))
-        if not files:
-            raise ModelPathError(f"{path}: no *.safetensors files to load weights from (expected an HF export "
-                                 f"directory written by save_pretrained)")
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(str(f), device=str(self.device)))
+        """Copy the weights of an HF export directory or URL (*.safetensors) into the model in place."""
+        state = load_safetensors(path, device=str(self.device))
         with torch.no_grad():
             missing, unexpected = self.model.load_state_dict(state, strict=False)
         params = dict(self.model.named_parameters(remove_duplicate=False))
@@ -198,7 +180,7 @@ class HFScorer(_HFEngine):
         if self.device.type == "cpu":
             budget = min(budget, self.cpu_forward_tokens)
         with torch.inference_mode(), self._bar("score", sum(lengths)) as advance:
-            for batch in pack_by_budget(lengths, budget):
+            for batch in pack(range(len(lengths)), lengths, budget):
                 rows = [todo[b] for b in batch]
                 values = self._score_batch([prompts[i] for i in rows], [responses[i] for i in rows], k)
                 for i, v in zip(rows, values):
@@ -263,16 +245,18 @@ class HFGenerator(_HFEngine):
     compact_below = 0.75  # drop finished rows from the running batch once <= this fraction still runs
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu", token_budget: int = 16384,
-                 trust_remote_code: bool = False, progress: bool | None = None):
-        super().__init__(model_path, dtype, device, token_budget, trust_remote_code, progress)
+                 trust_remote_code: bool = False, progress: bool | None = None, model=None):
+        super().__init__(model_path, dtype, device, token_budget, trust_remote_code, progress, model)
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[list[Sample]]:
         """result[i][g]: sample g of prompt i. Stops at EOS (included in response_ids, with its
-        log-prob; finish_reason "stop") or after sampling.max_new_tokens ("length")."""
+        log-prob; finish_reason "stop") or after sampling.max_new_tokens ("length").
+        temperature 0 is greedy decoding (argmax of the logits; behaviour_logp then holds the
+        chosen tokens' temperature-1 log-probs)."""
         if n < 1:
             raise EngineInputError(f"generate: n (samples per prompt) must be >= 1, got {n}")
-        if not sampling.temperature > 0 or not 0 < sampling.top_p <= 1 or sampling.max_new_tokens < 1:
-            raise EngineInputError(f"generate: need temperature > 0, 0 < top_p <= 1, max_new_tokens >= 1; "
+        if not sampling.temperature >= 0 or not 0 < sampling.top_p <= 1 or sampling.max_new_tokens < 1:
+            raise EngineInputError(f"generate: need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1; "
                                    f"got {sampling}")
         prompts = self._check_ids(prompt_ids, "prompt", sampling.max_new_tokens)
         empty = [i for i, p in enumerate(prompts) if p.size == 0]
@@ -284,7 +268,7 @@ class HFGenerator(_HFEngine):
         out: list[list[Sample | None]] = [[None] * n for _ in prompts]
         self.last_stats = {"batches": 0, "sampling": sampling.to_dict()}
         with torch.inference_mode(), self._bar("generate", len(rows) * sampling.max_new_tokens) as advance:
-            for batch in pack_by_budget(lengths, self.token_budget):
+            for batch in pack(range(len(lengths)), lengths, self.token_budget):
                 samples = self._sample_batch([prompts[rows[b][0]] for b in batch], sampling, gen)
                 for b, s in zip(batch, samples):
                     i, g = rows[b]
@@ -312,10 +296,14 @@ class HFGenerator(_HFEngine):
         next_pos = pos[:, -1:] + 1
         alive = torch.arange(B, device=dev)  # batch row of each row still in the model's batch
         for t in range(T):
-            lp = sampling_logp(out.logits[:, -1], sp.temperature, sp.top_k, sp.top_p)  # [A, V]
-            tok = torch.multinomial(lp.exp(), 1, generator=gen)  # [A, 1]
+            if sp.temperature == 0:  # greedy: the argmax of the raw logits (no ties made by rounding)
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)  # [A, 1]
+                lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+            else:
+                lp = sampling_logp(out.logits[:, -1], sp.temperature, sp.top_k, sp.top_p)  # [A, V]
+                tok = torch.multinomial(lp.exp(), 1, generator=gen)  # [A, 1]
             tokens[alive, t], logp[alive, t] = tok[:, 0], lp.gather(1, tok)[:, 0]
-            stop = alive[torch.isin(tok[:, 0], eos)]
+            stop = alive[torch.isin(tok[:, 0], eos) & ~done[alive]]  # a row ends at its first EOS
             length[stop], done[stop] = t + 1, True
             if t == T - 1 or bool(done.all()):
                 break
@@ -331,22 +319,6 @@ class HFGenerator(_HFEngine):
         tokens, logp, length, done = tokens.cpu().numpy(), logp.cpu().numpy(), length.tolist(), done.tolist()
         return [Sample(response_ids=tokens[b, : length[b]].tolist(), behaviour_logp=logp[b, : length[b]].copy(),
                        finish_reason="stop" if done[b] else "length") for b in range(B)]
-
-
-def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
-    """AutoModelForCausalLM from a local HF directory (safetensors only), eval mode, no grads."""
-    from transformers import AutoModelForCausalLM
-
-    if not (Path(path) / "config.json").is_file():
-        raise ModelPathError(f"{path}: not an HF model directory (no config.json); give a local directory "
-                             f"written by save_pretrained")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ModelPathError(f"{path}: cannot load the model ({err}); it needs config.json and "
-                             f"*.safetensors weights") from None
-    return model.to(device).eval().requires_grad_(False)
 
 
 def _head_is_plain(model) -> bool:

@@ -35,7 +35,8 @@ import numpy as np
 
 from opd_tasks.engines import EngineInputError
 from opd_tasks.engines.base import Sample, SamplingParams, TopKScores, sorted_topk
-from opd_tasks.errors import ModelPathError, OpdError
+from opd_tasks.errors import OpdError
+from opd_tasks.models import local_model_dir, remote_code, safetensors_files
 
 # Used only when vLLM runs on CPU (tests, laptops); any of them can be overridden by llm_kwargs.
 CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20}
@@ -104,11 +105,11 @@ def build_llm(model_path: str, dtype: str = "float32", seed: int = 0, **llm_kwar
     if mode != LOGPROBS_MODE:
         raise EngineInputError(f"vllm kwargs: logprobs_mode={mode!r} would record behaviour log-probs "
                               f"that ignore temperature; remove it (the engine sets {LOGPROBS_MODE!r})")
-    if not os.path.isdir(model_path):
-        raise ModelPathError(f"vllm engine: model path {model_path!r} is not a local directory; "
-                             "give an HF export directory (config.json + safetensors + tokenizer)")
+    local = local_model_dir(model_path)  # a URL: the node's cached copy (opd_tasks.models)
+    safetensors_files(local)
+    remote_code(local, bool(llm_kwargs.get("trust_remote_code")))
     on_cpu = _on_cpu()
-    kwargs: dict[str, Any] = {"model": model_path, "dtype": dtype, "seed": seed, "logprobs_mode": mode}
+    kwargs: dict[str, Any] = {"model": local, "dtype": dtype, "seed": seed, "logprobs_mode": mode}
     if on_cpu:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         kwargs.update(CPU_DEFAULTS)
@@ -237,11 +238,12 @@ class VLLMEngine:
         return result
 
     def load_weights(self, path: str) -> None:
-        """Reload weights from an HF export directory in place, then drop the stale prefix cache."""
-        if not os.path.isdir(path):
-            raise ModelPathError(f"vllm load_weights: {path!r} is not a directory of safetensors weights")
+        """Reload weights from an HF export directory (or URL: from its cached copy) in place, then
+        drop the stale prefix cache."""
+        local = local_model_dir(path, need_config=False)
+        safetensors_files(local)
         with _vllm_call(self._on_cpu):
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": local})
         # Without this, cached KV blocks computed with the old weights are reused.
         if not self.llm.reset_prefix_cache():
             raise VLLMEngineError("vllm load_weights: reset_prefix_cache failed (requests still running?)")

@@ -23,8 +23,12 @@ at 3% collapsed to 0% under OPD at every learning rate tried).
 Stopping is steered by dev accuracy (a private split, disjoint from train and eval, never trained
 on), every `chunk` steps: these small models learn each task in a sudden jump whose timing moves
 with the seed, so fixed step counts gave a student already at 98% on one seed and a teacher stuck
-at 39% on another. Everything is a function of (size, seed, BUILDER_VERSION); training runs on
-spec.threads threads.
+at 39% on another. Everything is a function of (size, seed, BUILDER_VERSION): the build runs in a
+fresh Python process (`python -m opd_tasks.toy.world`) whose environment pins what else moves float
+results between machines of one CPU kind: thread counts (spec.threads), the vector ISA of torch's,
+MKL's and oneDNN's kernels (AVX2), Python's hash seed; inside it, torch's deterministic algorithms
+and every seed are set before anything is drawn. tests/toy/test_world_pinned.py pins the test world's
+weights (sha256) and accuracies.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -42,7 +48,13 @@ from pathlib import Path
 from opd_tasks.errors import OpdError
 from opd_tasks.toy.tasks import DOMAINS, SFTSampler, TaskSpec, make_splits, write_rows
 
-BUILDER_VERSION = 3
+BUILDER_VERSION = 4  # 4: built in a pinned, isolated process (v3 worlds differed between machines)
+# The build process's environment, fixed before torch loads (threads: WorldSpec.threads). AVX2 is the
+# widest ISA every machine of this kind has; wider kernels (AVX-512, AMX) round differently.
+BUILD_ENV = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "PYTHONHASHSEED": "0", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
+             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+ISOLATED = True  # build in a fresh process (tests of the builder's mechanics set False: seconds, not minutes)
 TEACHER_NAMES = {"add": "adder", "rev": "reverser"}  # configs/toy.yaml uses these names
 
 
@@ -180,8 +192,9 @@ def _save_model(model, tokenizer, path: Path) -> None:
 
 
 def _dev_accuracy(model, tok, dev: list[dict], max_new: int) -> dict[str, float]:
-    from opd_tasks.evaluate import accuracy_by_domain, greedy_generate
-    return accuracy_by_domain(dev, greedy_generate(model, tok, [r["prompt"] for r in dev], max_new))
+    from opd_tasks.engines.hf import HFGenerator
+    from opd_tasks.evaluate import evaluate
+    return evaluate(HFGenerator("toy-in-training", model=model, progress=False), tok, dev, max_new)
 
 
 def _band_miss(acc: dict[str, float], band: tuple) -> float:
@@ -229,6 +242,42 @@ def _train_teacher(model, tok, sampler, dev, domain: str, spec: WorldSpec, max_n
 
 
 def _build(out: Path, spec: WorldSpec, size: str, seed: int) -> None:
+    """Build in a fresh process with BUILD_ENV (or here, when ISOLATED is False)."""
+    if not ISOLATED:
+        return _build_here(out, spec, size, seed)
+    threads = str(spec.threads)
+    env = {**os.environ, **BUILD_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+           "OPENBLAS_NUM_THREADS": threads}
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "opd_tasks.toy.world", str(out), size, str(seed), json.dumps(asdict(spec))]
+    res = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if res.returncode != 0:
+        tail = "\n".join(res.stdout.strip().splitlines()[-15:])
+        raise ToyWorldError(f"{out}: the toy world build failed (exit {res.returncode}):\n{tail}")
+
+
+def _spec_from_json(text: str) -> WorldSpec:
+    d = json.loads(text)
+    d["tasks"] = TaskSpec(**d["tasks"])
+    d["student_band"] = tuple(d["student_band"])
+    return WorldSpec(**d)
+
+
+def _deterministic_torch(seed: int) -> None:
+    """Seeds and kernel choices of the build process (it exits afterwards: nothing to restore)."""
+    import random
+
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+def _build_here(out: Path, spec: WorldSpec, size: str, seed: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
@@ -337,3 +386,9 @@ def resolve_config(cfg):
                 f"add e.g. `toy_world: {{dir: ~/.cache/opd/toy, size: demo, seed: 0}}` or give a local path")
         setattr(owner, attr, resolve(value, new.toy_world))
     return new
+
+
+if __name__ == "__main__":  # the build process of _build: OUT SIZE SEED SPEC_JSON
+    _out, _size, _seed, _spec = sys.argv[1:5]
+    _deterministic_torch(int(_seed))
+    _build_here(Path(_out), _spec_from_json(_spec), _size, int(_seed))

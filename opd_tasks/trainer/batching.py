@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from opd_tasks.packing import pack
 from opd_tasks.trainer import TrainError
-from storage.columns import flat_logp
+from storage.columns import TEACHER_PREFIX, flat_logp
 
-TEACHER_PREFIX = "teacher_logp."
 TOPK_IDS, TOPK_LOGP = "teacher_topk_ids.", "teacher_topk_logp."  # = storage.columns' prefixes
 
 
@@ -119,7 +119,9 @@ def rows_from_table(table: pa.Table, source: str, *, need_ref: bool = False, nee
         vals, n = _lists(table, name, source, np.float32, rlen if name.startswith(TEACHER_PREFIX) else None)
         bad = np.flatnonzero(n != rlen)
         if len(bad):
-            raise TrainError(f"{source}: column {name!r} row {int(bad[0])} has {int(n[bad[0]])} values for "
+            sid = table.column("sample_id")[int(bad[0])].as_py() if "sample_id" in table.column_names else None
+            raise TrainError(f"{source}: column {name!r} row {int(bad[0])} (sample_id {sid!r}, counting the "
+                             f"stage's parts in order) has {int(n[bad[0]])} values for "
                              f"{int(rlen[bad[0]])} response tokens ({len(bad)} rows differ); log-probs must be "
                              f"in response-token indexing; re-run the stage that wrote {name!r}")
         token[name] = [torch.from_numpy(v) for v in vals]
@@ -213,22 +215,6 @@ def mini_batches(n: int, num: int, seed: int, iteration: int, epoch: int) -> lis
     """
     order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed(seed, iteration, epoch)))
     return list(torch.tensor_split(order, min(num, n)))
-
-
-def pack(indices: list[int], lengths: torch.Tensor, token_budget: int) -> list[list[int]]:
-    """Greedy packing of rows (longest first) into micro-batches of rows x max_len <= token_budget.
-
-    A row longer than the budget gets a micro-batch of its own. Deterministic: ties keep input order.
-    """
-    order = sorted(indices, key=lambda i: -int(lengths[i]))
-    out: list[list[int]] = []
-    for i in order:
-        # sorted descending, so the first row of a micro-batch is its longest
-        if out and (len(out[-1]) + 1) * int(lengths[out[-1][0]]) <= token_budget:
-            out[-1].append(i)
-        else:
-            out.append([i])
-    return out
 
 
 def rank_plan(indices: torch.Tensor, lengths: torch.Tensor, token_budget: int,

@@ -2,9 +2,16 @@
 
 A checkpoint directory (storage.checkpoints gives the names and commits the manifest):
     dcp/             DCP: model + optimizer state (sharded, one file per rank) and "train": a JSON
-                     string of step, iteration and every rank's RNG state
+                     string of step, iteration, every rank's RNG state and the lr schedule
     hf/              config.json, model.safetensors, tokenizer files: from_pretrained and vLLM load it
     _MANIFEST.json   written last: only then does the checkpoint count
+
+What DCP writes: dcp/__R_0.distcp per rank (tensors, read back with torch.load(weights_only=True);
+non-tensor entries such as "train" with torch.load(weights_only=False)) and dcp/.metadata, a pickle
+of torch's checkpoint Metadata (the state dict's keys, shapes, dtypes and where each shard's bytes
+sit), written with pickle.dump and read with pickle.load (torch 2.13). Unpickling runs any code the
+file names, so the trainer loads DCP state only from its own run's checkpoints
+(worker.resolve_init); weights from anywhere else come in as safetensors (opd_tasks.models).
 """
 from __future__ import annotations
 
@@ -107,10 +114,9 @@ def save_hf(state: dict[str, torch.Tensor], config, dst_dir: str, init_dir: str,
     model. The model is built on the meta device and takes the tensors as they are (no copy), so
     save_pretrained handles tied weights and sharding of large files. Local dst_dir only.
     """
-    from transformers import AutoModelForCausalLM
+    from opd_tasks.models import empty_causal_lm
 
-    with torch.device("meta"):
-        shell = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    shell = empty_causal_lm(config, dtype, trust_remote_code)
     shell.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
     shell.tie_weights()
     os.makedirs(dst_dir, exist_ok=True)

@@ -62,6 +62,17 @@ def close_distributed(d: Dist) -> None:
         dist.destroy_process_group()
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
+    """Recompute each transformer block's activations in backward (non-reentrant torch checkpoint,
+    through transformers; before shard_model: FSDP2's hooks stay outside the recompute)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
 def shard_model(model: torch.nn.Module, mesh: DeviceMesh, mixed_precision: str = "none",
                 force: bool = False) -> torch.nn.Module:
     """fully_shard each transformer block (the model's `_no_split_modules` classes), then the root.
@@ -75,7 +86,8 @@ def shard_model(model: torch.nn.Module, mesh: DeviceMesh, mixed_precision: str =
     optimizer keeps float32 master weights (this goes through fully_shard at any world size).
     """
     if mesh.size() == 1 and mixed_precision == "none" and not force:
-        return model.to(mesh.device_type)
+        # empty (meta) parameters stay empty: models.load_for_training fills them on the device
+        return model if any(p.is_meta for p in model.parameters()) else model.to(mesh.device_type)
     mp = MixedPrecisionPolicy()
     if mixed_precision == "bf16":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -14,11 +14,13 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
-from opd_tasks.logprobs import gather_logp, gather_response, token_logp
+from opd_tasks.logprobs import chunked_token_logp, gather_logp, gather_response, response_positions, token_logp
 from opd_tasks.losses import LossParams, compute_loss, group_advantages
 from opd_tasks.trainer import TrainError
 from opd_tasks.trainer.batching import Rows, collate, group_ids, mini_batches, rank_plan
+from opd_tasks.trainer.schedule import Schedule
 from storage.faults import fault_point
 
 
@@ -31,7 +33,10 @@ class LoopConfig:
     grad_clip: float | None = 1.0
     seed: int = 0
     iteration: int = 0
-    old_logp: str = "recompute"  # or "behaviour": old_t = behaviour_logp (see choose_old_logp)
+    old_logp: str = "recompute"  # or "behaviour": old_t = behaviour_logp; "none" for sft (see choose_old_logp)
+    logp_chunk_tokens: int = 1024  # response tokens per chunk of the output layer (0: full logits)
+    schedule: Schedule | None = None  # lr per optimizer step (None: leave the optimizer's lr)
+    no_sync: bool = False  # FSDP2: reduce gradients once per mini-batch, not per micro-batch
 
 
 def _world() -> tuple[int, int]:
@@ -46,22 +51,83 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
-def response_logp(model: torch.nn.Module, mb: dict, device: torch.device, topk: dict | None = None) -> torch.Tensor:
+def lean_head(model: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Linear | None:
+    """The output layer when the logits are exactly output_layer(final hidden state), else None.
+
+    Checked once per model on a few tokens (the result is kept on the model), as the hf scorer
+    does: the chunked path against the full logits, so a model with extra logit processing
+    (Gemma-2 softcapping, logit scaling) takes the full path. Collective under FSDP2 (every rank
+    makes its first response_logp call at the same point).
+    """
+    ok = getattr(model, "_opd_lean_head", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    if ok is None:
+        n = min(8, head.out_features)
+        ids = torch.arange(n).unsqueeze(0)
+        mb = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "start": torch.tensor([1]),
+              "response_len": torch.tensor([n - 1])}
+        device = device if device is not None else head.weight.device
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            full, mine = _logp(model, None, mb, device, 0), _logp(model, head, mb, device, 4)
+        model.train(was)
+        ok = full.shape == mine.shape and bool(torch.allclose(full, mine, rtol=1e-3, atol=1e-4))
+        model._opd_lean_head = ok
+    return head if ok else None
+
+
+def response_logp(model: torch.nn.Module, mb: dict, device: torch.device, chunk_tokens: int = 1024,
+                  topk: dict | None = None) -> torch.Tensor:
     """s_t of a collated micro-batch: [B, R] float32 (0 on padding), with grad when enabled.
+
     topk (loss.kind=topk): a dict that receives topk_logp.NAME [B, R, K], the student's log-probs at
-    teacher NAME's stored ids (mb's teacher_topk_ids.NAME), from the same forward."""
+    teacher NAME's stored ids (mb's teacher_topk_ids.NAME), from the same forward's full log-softmax
+    (so this path takes the full logits, not the chunked one).
+
+    chunk_tokens > 0 (and a plain linear output layer): the output layer runs on the response
+    positions only, chunk_tokens at a time (chunked_token_logp: no [tokens, vocab] float32 tensor,
+    forward or backward); it runs inside the model's forward (its forward is swapped for the call),
+    so FSDP2 gathers and reduces its weight as usual. 0: full logits, then token_logp.
+    """
+    head = lean_head(model, device) if chunk_tokens > 0 and topk is None else None
+    return _logp(model, head, mb, device, chunk_tokens, topk)
+
+
+def _logp(model: torch.nn.Module, head: torch.nn.Linear | None, mb: dict, device: torch.device,
+          chunk_tokens: int, topk: dict | None = None) -> torch.Tensor:
     ids = mb["input_ids"].to(device)
-    logits = model(input_ids=ids, attention_mask=mb["attention_mask"].to(device), use_cache=False).logits
-    start = mb["start"].to(device)
-    values, _ = gather_response(token_logp(logits, ids), start, mb["response_len"].to(device))
-    if topk is not None:
-        for key in [k for k in mb if k.startswith("teacher_topk_ids.")]:
+    att = mb["attention_mask"].to(device)
+    start, rlen = mb["start"].to(device), mb["response_len"].to(device)
+    if head is None:
+        logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
+        for key in [k for k in mb if k.startswith("teacher_topk_ids.")] if topk is not None else []:
             topk["topk_logp." + key.split(".", 1)[1]] = gather_logp(logits, start, mb[key].to(device))
-    return values
+        return gather_response(token_logp(logits, ids), start, rlen)[0]
+    pred, mask = response_positions(start, rlen, ids.shape[1])
+    targets = ids.reshape(-1)[pred + 1]
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:  # [B, L, H] -> [B, R] float32 log-probs
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred)
+        logp = chunked_token_logp(h, head.weight, targets, head.bias, chunk=chunk_tokens)
+        return logp.new_zeros(mask.shape).masked_scatter(mask, logp)
+
+    head.forward = forward
+    try:
+        out = model(input_ids=ids, attention_mask=att, use_cache=False).logits
+    finally:
+        del head.forward
+    if tuple(out.shape) != tuple(mask.shape):
+        raise TrainError(f"{type(model).__name__}: its logits are not its output layer's result (shape "
+                         f"{tuple(out.shape)}); set train.logp_chunk_tokens: 0 for this model")
+    return out
 
 
 @torch.no_grad()
-def recompute_old_logp(model: torch.nn.Module, rows: Rows, token_budget: int, device: torch.device) -> None:
+def recompute_old_logp(model: torch.nn.Module, rows: Rows, token_budget: int, device: torch.device,
+                       chunk_tokens: int = 1024) -> None:
     """old_t for every row with the current (rollout-time) weights; sets rows.token["old_logp"].
 
     Each rank scores its share of the rows; an all_reduce SUM of the zero-filled flat [T] tensor
@@ -73,7 +139,7 @@ def recompute_old_logp(model: torch.nn.Module, rows: Rows, token_budget: int, de
     flat = torch.zeros(int(offsets[-1]), dtype=torch.float32)
     for idx in rank_plan(torch.arange(len(rows)), rows.lengths, token_budget, rank, world):
         mb = collate(rows, idx or [0], token_names=())
-        values = response_logp(model, mb, device).cpu()
+        values = response_logp(model, mb, device, chunk_tokens).cpu()
         for b, i in enumerate(idx or []):
             flat[offsets[i]:offsets[i + 1]] = values[b, : int(lens[i])]
     flat = _all_reduce(flat.to(device)).cpu()
@@ -116,14 +182,17 @@ def _norm(path) -> str | None:
 
 
 def choose_old_logp(mode: str, cfg, provenance: dict, init_hf: str, have_behaviour: bool,
-                    iteration: int) -> tuple[str, str]:
+                    iteration: int, loss_kind: str | None = None) -> tuple[str, str]:
     """(LoopConfig.old_logp, the reason) for mode auto / recompute / behaviour.
 
     auto: "behaviour" when behaviour_mismatch() finds nothing (saves one no-grad forward over every
     row), else "recompute". behaviour when it does not hold: TrainError naming the reasons.
+    loss_kind "sft" (the loss being trained): "none", whatever the mode: sft has no ratio, no old_t.
     """
     if mode not in OLD_LOGP_MODES:
         raise TrainError(f"old_logp mode {mode!r} is not one of {OLD_LOGP_MODES}")
+    if loss_kind == "sft":
+        return "none", "the sft loss has no ratio, so no old_t is needed"
     if mode == "recompute":
         return "recompute", "asked for"
     why = behaviour_mismatch(cfg, provenance, init_hf, have_behaviour, iteration)
@@ -201,6 +270,13 @@ def _loss_batch(mb: dict, logp: torch.Tensor, params: LossParams) -> dict:
     return batch
 
 
+def _gradient_sync(model: torch.nn.Module, sync: bool) -> None:
+    """FSDP2: reduce-scatter this micro-batch's gradients (sync) or keep accumulating them unsharded
+    until a micro-batch that syncs (the last of the mini-batch). A plain module has nothing to sync."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+
+
 def train_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rows: Rows, params: LossParams,
                     cfg: LoopConfig, device: torch.device, step: int = 0,
                     on_step: Callable[[dict], None] | None = None) -> dict:
@@ -209,7 +285,8 @@ def train_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ro
 
     Each mini-batch's loss is the sum of its micro-batch losses, each divided by the GLOBAL number
     of valid tokens (token_mean) or sequences (seq_mean) of the mini-batch; gradients sum over
-    ranks. Returns {"steps": [per-step metrics: loss, KL estimates, ratio stats, grad_norm, tokens,
+    ranks (per micro-batch, or once per mini-batch with cfg.no_sync). Step k's lr is
+    cfg.schedule.lr_at(k - 1) and is recorded as "lr". Returns {"steps": [per-step metrics: loss, KL estimates, ratio stats, grad_norm, tokens,
     seconds], "step" (the global step after), "tokens_per_s" (prompt + response tokens of all ranks
     per second of the step loop), "tokens_per_s_after_first_step", "old_logp_seconds", ...}.
     """
@@ -223,7 +300,7 @@ def train_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ro
         rows.token["old_logp"] = [t.clone() for t in rows.token["behaviour_logp"]]
     else:
         model.eval()  # old_t is a property of the weights: no dropout noise in it
-        recompute_old_logp(model, rows, cfg.micro_batch_tokens, device)
+        recompute_old_logp(model, rows, cfg.micro_batch_tokens, device, cfg.logp_chunk_tokens)
     model.train()
     set_advantages(rows, params)
     t_old = time.perf_counter() - t0
@@ -238,10 +315,12 @@ def train_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ro
             acc = _Metrics(params.kind)
             counts = torch.zeros(2, dtype=torch.float64)  # input tokens, padded tokens (this rank)
             optimizer.zero_grad(set_to_none=True)
-            for idx in rank_plan(mini, rows.lengths, cfg.micro_batch_tokens, rank, world):
+            plan = rank_plan(mini, rows.lengths, cfg.micro_batch_tokens, rank, world)  # same length on every rank
+            for n, idx in enumerate(plan):
+                _gradient_sync(model, not cfg.no_sync or n == len(plan) - 1)
                 mb = collate(rows, idx or [int(mini[0])])
                 student_topk = {} if params.kind == "topk" else None
-                logp = response_logp(model, mb, device, student_topk)
+                logp = response_logp(model, mb, device, cfg.logp_chunk_tokens, student_topk)
                 if idx is None:  # dummy: same collectives as the other ranks, zero gradient
                     (logp.sum() * 0.0 + sum(t.sum() * 0.0 for t in (student_topk or {}).values())).backward()
                     continue
@@ -254,11 +333,15 @@ def train_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ro
             max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+            if cfg.schedule is not None:
+                for g in optimizer.param_groups:
+                    g["lr"] = cfg.schedule.lr_at(step)
+            lr = float(optimizer.param_groups[0]["lr"])
             optimizer.step()
             step += 1
             counts = _all_reduce(counts.to(device)).cpu().tolist()
             rec = {"step": step, "epoch": epoch, "mini_batch": k, **acc.reduce(keys, device),
-                   "grad_norm": float(gn), "input_tokens": int(counts[0]), "padded_tokens": int(counts[1]),
+                   "lr": lr, "grad_norm": float(gn), "input_tokens": int(counts[0]), "padded_tokens": int(counts[1]),
                    "seconds": time.perf_counter() - ts}
             steps.append(rec)
             if on_step is not None and rank == 0:

@@ -8,23 +8,24 @@ iteration 0, or the offline phase's HF export when the run has one). Outputs: ch
 
     run_offline_training(ctx)   # the offline phase: offline/scored (kept rows) -> checkpoints/offline
 
-The offline phase is the same trainer at iteration -1 (opd_tasks.trainer.worker.OFFLINE_ITERATION).
+The offline phase is the same trainer at iteration -1 (storage.layout.OFFLINE_ITERATION).
 Like every train stage it is one unit: a kill before its manifest redoes it from its init weights
 (deterministic: same seeds, same result).
 """
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from opd_tasks.context import RunContext
 from opd_tasks.stages import StageResult
 from opd_tasks.trainer import TrainError
-from opd_tasks.trainer.launch import launch_training
+from opd_tasks.trainer.launch import launch_options, launch_training
 from storage.checkpoints import checkpoint_status, warm_start_dir
+from storage.layout import OFFLINE_ITERATION
 from storage.manifest import read_manifest
 
 SUMMARY_KEYS = ("loss", "kl_k1", "kl_k3", "ratio_mean", "clip_frac", "grad_norm", "nll", "teacher_nll")
-OFFLINE_ITERATION = -1  # = opd_tasks.trainer.worker.OFFLINE_ITERATION (not imported: the worker pulls in torch)
 
 
 def train_paths(ctx: RunContext, iteration: int) -> dict[str, str]:
@@ -47,13 +48,8 @@ def train_paths(ctx: RunContext, iteration: int) -> dict[str, str]:
             "train_dir": lay.url_of(lay.stage_dir(iteration, "train"))}
 
 
-def _log_sink():
-    """Worker output goes to the Prefect run logger inside a flow/task run, else to stdout."""
-    try:
-        from prefect import get_run_logger
-        return get_run_logger().info
-    except Exception:  # noqa: BLE001 - no Prefect run context (plain Python call)
-        return lambda line: print(line, flush=True)
+def _print(line: str) -> None:
+    print(line, flush=True)
 
 
 def _train_inprocess(paths: dict[str, str], iteration: int) -> dict:
@@ -70,7 +66,8 @@ def _dirs(ctx: RunContext, iteration: int) -> tuple[str, str]:
     return ctx.stage_dir(iteration, "train"), ctx.stage_dir(iteration, "scored")
 
 
-def run_offline_training(ctx: RunContext, on_line=None, env: dict | None = None) -> StageResult:
+def run_offline_training(ctx: RunContext, on_line: Callable[[str], None] | None = None,
+                         env: dict | None = None) -> StageResult:
     """The offline phase's train stage (sft on the kept rows of offline/scored) -> checkpoints/offline."""
     if ctx.cfg.offline is None:
         raise TrainError(f"{ctx.run_dir}: the run's config has no offline block; nothing to train offline")
@@ -80,9 +77,11 @@ def run_offline_training(ctx: RunContext, on_line=None, env: dict | None = None)
     return run_training(ctx, OFFLINE_ITERATION, on_line=on_line, env=env)
 
 
-def run_training(ctx: RunContext, iteration: int, on_line=None, env: dict | None = None) -> StageResult:
+def run_training(ctx: RunContext, iteration: int, on_line: Callable[[str], None] | None = None,
+                 env: dict | None = None) -> StageResult:
     """Train iteration `iteration` with torchrun (train.nproc_per_node x train.nnodes ranks).
-    on_line receives every output line of the workers (default: Prefect's run logger or stdout)."""
+    on_line receives every output line of the workers (default: stdout; the flows pass Prefect's run
+    logger)."""
     fs = ctx.layout.fs
     stage, scored = _dirs(ctx, iteration)
     name = "offline-train" if iteration == OFFLINE_ITERATION else "train"
@@ -101,9 +100,8 @@ def run_training(ctx: RunContext, iteration: int, on_line=None, env: dict | None
                              f"use launcher: torchrun (or auto)")
         metrics = _train_inprocess(train_paths(ctx, iteration), iteration)
     else:
-        metrics = launch_training(**train_paths(ctx, iteration), iteration=iteration,
-                                  nproc_per_node=tc.nproc_per_node, nnodes=tc.nnodes,
-                                  env=env, on_line=on_line or _log_sink())
+        metrics = launch_training(**train_paths(ctx, iteration), iteration=iteration, **launch_options(tc),
+                                  env=env, on_line=on_line or _print)
     last = metrics["steps"][-1] if metrics["steps"] else {}
     summary = {k: last[k] for k in SUMMARY_KEYS if k in last}
     summary.update(step=metrics["step"], tokens_per_s=metrics["tokens_per_s"])

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from opd_tasks.engines import EngineInputError, make_generator, make_scorer
 from opd_tasks.engines.base import SamplingParams
-from opd_tasks.engines.hf import HFGenerator, HFScorer, pack_by_budget, sampling_logp
+from opd_tasks.engines.hf import HFGenerator, HFScorer, sampling_logp
+from opd_tasks.packing import pack
 from opd_tasks.errors import ModelPathError, OpdError
 
 VOCAB = 50
@@ -107,14 +108,14 @@ def test_full_forward_fallback_gives_the_same_values(tiny):
 
 def test_pack_by_budget_sorts_and_respects_the_budget():
     lengths = [5, 17, 3, 9, 9, 40, 1, 12]
-    batches = pack_by_budget(lengths, 36)
+    batches = pack(range(len(lengths)), lengths, 36)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     flat = [lengths[i] for b in batches for i in b]
     assert flat == sorted(lengths, reverse=True)
     for b in batches:
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 36
     assert batches[0] == [5]  # 40 > budget: alone
-    assert pack_by_budget([], 10) == []
+    assert pack([], [], 10) == []
 
 
 def test_sampling_logp_temperature_top_k_top_p_by_hand():
@@ -218,7 +219,7 @@ def test_bad_inputs_are_named(scorer, generator, tmp_path):
         generator.generate([[1] * 120], n=1, sampling=SamplingParams(max_new_tokens=16))
     with pytest.raises(EngineInputError, match="prompt 0 is empty"):
         generator.generate([[]], n=1, sampling=SamplingParams())
-    with pytest.raises(ModelPathError, match="no config.json"):
+    with pytest.raises(ModelPathError, match="nowhere' does not exist"):
         HFScorer(tmp_path / "nowhere")
     with pytest.raises(ModelPathError, match="no \\*.safetensors"):
         scorer.load_weights(str(tmp_path))

@@ -47,3 +47,31 @@ def test_vllm_rollout_and_scoring_stages_on_the_toy_world_match_hf(tmp_path, toy
                                np.concatenate(t.column("behaviour_logp").to_pylist()), atol=1e-3)
     report = inspect_report(str(tmp_path / "run"), iteration=0)
     assert "adder" in str(report) and "reverser" in str(report)
+
+
+@pytest.mark.slow
+def test_evaluation_on_vllm_equals_the_hf_engine(tmp_path, toy_world, toy_world_cfg):
+    """rollout.engine=vllm: the baseline (student + both teachers) decodes greedily on vLLM (three
+    engines, one at a time) and gets the hf engine's accuracies."""
+    from opd_tasks.config import load_config
+    from opd_tasks.context import prepare_run
+    from opd_tasks.engines.hf import HFGenerator
+    from opd_tasks.eval_stage import eval_prompts, read_baseline
+    from opd_tasks.evaluate import accuracy_by_domain, greedy_responses
+    from opd_tasks.models import load_tokenizer
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "toy.yaml"))
+    cfg = cfg.model_copy(update={"toy_world": toy_world_cfg,
+                                 "rollout": cfg.rollout.model_copy(update={"engine": "vllm"}),
+                                 "eval": cfg.eval.model_copy(update={"max_prompts": 64, "max_new_tokens": 12})})
+    ctx = prepare_run(cfg, str(tmp_path / "run"))
+    base = read_baseline(ctx)
+    rows = eval_prompts(ctx).to_pylist()
+    assert base["engine"] == "vllm" and base["eval_prompts"] == 64
+    tok = load_tokenizer(ctx.cfg.student.path)
+    ids = [tok(r["prompt"])["input_ids"] for r in rows]
+    for name, path in [("student", ctx.cfg.student.path)] + [(t.name, t.path) for t in ctx.cfg.teachers]:
+        hf = greedy_responses(HFGenerator(path, progress=False), tok, ids, 12)
+        got = base["student"] if name == "student" else base["teachers"][name]
+        assert got == accuracy_by_domain(rows, hf), name
+    assert 0 < base["teachers"]["reverser"]["rev"] and base["student"] != base["teachers"]["reverser"]

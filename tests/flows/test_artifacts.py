@@ -10,7 +10,7 @@ from tiny_world import tiny_config, write_config
 
 
 @pytest.mark.slow
-def test_iteration_table_and_progress_artifacts(tmp_path, tiny_world):
+def test_iteration_table_and_progress_artifacts(tmp_path, tiny_world, prefect_in_process):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_reduced_demo_runs_end_to_end_and_the_student_moves_towards_its_teachers(tmp_path, toy_world,
-                                                                                 toy_world_cfg):
+                                                                                 toy_world_cfg, prefect_in_process):
     from flows.demo import run_demo
 
     cfg = yaml.safe_load((ROOT / "configs" / "toy.yaml").read_text())

@@ -69,6 +69,8 @@ def test_prefect_yaml_matches_the_flows(monkeypatch):
         assert required <= set(params), f"{dep['name']}: {required - set(params)} missing"
         assert (REPO / params["config_path"]).is_file(), dep["name"]
         assert dep["work_pool"]["name"]
+        limit = dep["concurrency_limit"]  # one flow run per deployment at a time (the run dir's lease refuses others)
+        assert limit["limit"] == 1 and limit["collision_strategy"] in ("CANCEL_NEW", "ENQUEUE"), dep["name"]
         for sched in dep.get("schedules") or []:
             CronSchedule(cron=sched["cron"], timezone=sched.get("timezone"))
     nightly = _deployment("toy-nightly")
@@ -187,7 +189,8 @@ def _tiny_world(root: Path) -> dict:
            "rollout": {"prompts_per_iteration": 4, "group_size": 2, "max_new_tokens": 6},
            "train": {"mini_batches": 1, "nproc_per_node": 1},
            "eval": {"every": 1, "max_prompts": 4, "max_new_tokens": 6},
-           "data": {"train": str(root / "prompts.parquet"), "eval": str(root / "prompts.parquet")}}
+           "data": {"train": str(root / "prompts.parquet"), "eval": str(root / "prompts.parquet"),
+                    "verifiers": {"x": "exact", "y": "exact"}}}
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     return {"config": str(root / "cfg.yaml"), "responses": str(root / "responses.parquet")}
 

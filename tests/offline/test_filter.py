@@ -11,8 +11,9 @@ from opd_tasks.config import OfflineFilterConfig, parse_config
 from opd_tasks.context import prepare_run
 from opd_tasks.errors import DataError, OpdError
 from opd_tasks.inspect import inspect_report
-from opd_tasks.offline import (filter_decisions, import_dataset, kept_rows, per_token_mean, run_offline_filter,
-                               run_offline_scoring)
+from opd_tasks.offline.dataset import import_dataset
+from opd_tasks.offline.filter import filter_decisions, kept_rows, per_token_mean, run_offline_filter
+from opd_tasks.offline.scoring import run_offline_scoring
 from storage.manifest import read_manifest
 from storage.shards import build_provenance, commit_parts, read_stage, rollout_table, scored_table, write_part
 from tiny_world import tiny_config

@@ -6,8 +6,8 @@ import pytest
 from opd_tasks.config import parse_config
 from opd_tasks.context import prepare_run
 from opd_tasks.errors import DataError
-from opd_tasks.offline import run_offline_scoring
-from opd_tasks.rollout import generate_offline, run_offline_generation
+from opd_tasks.offline.scoring import run_offline_scoring
+from opd_tasks.offline.generate import generate_offline, run_offline_generation
 from storage.fs import filesystem
 from storage.manifest import read_manifest
 from storage.shards import read_provenance, read_stage

@@ -70,7 +70,7 @@ def test_more_offline_prompts_than_the_set_is_refused_not_wrapped():
     """Wrapping gave two samples one sample id (off-TEACHER-PROMPT-gG) and broke the filter check."""
     import pyarrow as pa
 
-    from opd_tasks.rollout import offline_prompts
+    from opd_tasks.offline.generate import offline_prompts
     from storage.errors import DataError
     table = pa.table({"prompt": ["a", "b", "c"], "prompt_id": ["p0", "p1", "p2"]})
     assert sorted(offline_prompts(table, 0, 3).column("prompt_id").to_pylist()) == ["p0", "p1", "p2"]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from opd_tasks.inspect import inspect_report, status_report
+from opd_tasks.inspect import inspect_report
+from opd_tasks.status import status_report
 from storage.layout import RunLayout
 from storage.manifest import read_manifest, stage_status
 from storage.shards import read_stage

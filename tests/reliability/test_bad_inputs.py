@@ -28,11 +28,11 @@ from opd_tasks.config import parse_config
 from opd_tasks.context import RunContext, prepare_run
 from opd_tasks.engines.base import Sample
 from opd_tasks.errors import DataError, ManifestError, ModelPathError, OpdError, ShardError
-from opd_tasks.inspect import status_report
-from opd_tasks.offline import score_offline
+from opd_tasks.status import status_report
+from opd_tasks.offline.score import score_offline
 from opd_tasks.rollout import iteration_prompts, run_rollout
 from opd_tasks.scoring import run_scoring
-from opd_tasks.train import run_training
+from opd_tasks.trainer.stage import run_training
 from opd_tasks.trainer import TrainError
 from storage.manifest import MANIFEST_NAME, stage_status
 from storage.shards import read_stage
@@ -163,7 +163,8 @@ def test_teacher_with_nan_weights_is_named_and_the_run_resumes_once_fixed(tmp_pa
     ctx = _ctx(tmp_path, cfg)
     run_rollout(ctx, 0)
     monkeypatch.setattr(scoring, "_SCORERS", {})
-    with pytest.raises(ShardError, match=r"teacher 'tx' returned non-finite log-probs for sample 'i000000-q\d+-g0'; "
+    with pytest.raises(ShardError, match=r"iter-000000/rollout part part-00000\.parquet: teacher 'tx' returned "
+                                         r"non-finite log-probs for sample 'i000000-q\d+-g0' \(row 0\); "
                                          r"check that model's weights and dtype"):
         run_scoring(ctx, 0)
     assert _status(ctx, "scored") == "missing"  # the first part failed: nothing committed
@@ -191,7 +192,8 @@ def test_non_finite_teacher_logprob_is_refused_naming_teacher_and_sample(tmp_pat
     run_rollout(ctx, 0)
     sample = _stage(ctx, "rollout").column("sample_id")[1].as_py()
     monkeypatch.setattr(scoring, "get_scorers", lambda *a: {"tx": _ConstScorer(), "ty": _ConstScorer(bad)})
-    with pytest.raises(ShardError, match=rf"teacher 'ty' returned non-finite log-probs for sample '{sample}'"):
+    with pytest.raises(ShardError, match=rf"rollout part part-00000\.parquet: teacher 'ty' returned non-finite "
+                                         rf"log-probs for sample '{sample}' \(row 1\)"):
         run_scoring(ctx, 0)
     assert _status(ctx, "scored") == "missing"
 
@@ -229,7 +231,8 @@ def test_empty_responses_train_nothing_and_an_all_empty_iteration_is_refused(tmp
 def test_offline_dataset_with_an_empty_response_is_refused_naming_the_row(tmp_path, tiny_world):
     data = tmp_path / "data.parquet"
     pq.write_table(pa.table({"prompt_ids": [[1, 5, 6], [1, 7]], "response_ids": [[5, 2], []]}), data)
-    with pytest.raises(DataError, match=rf"{data}: 1 row\(s\) have an empty response \(first: row 1\); drop them"):
+    with pytest.raises(DataError, match=rf"{data}: 1 row\(s\) have an empty response \(first: row 1 \(sample_id "
+                                        r"'s000000001' as assigned\)\); drop them"):
         score_offline(parse_config(tiny_config(tiny_world)), str(data), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out" / MANIFEST_NAME)
 

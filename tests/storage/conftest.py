@@ -1,5 +1,5 @@
 """Fixtures of the storage tests: one run root per test on local disk, memory:// and a real S3 API
-(moto's server on 127.0.0.1, reached through s3fs)."""
+(moto's server on 127.0.0.1, reached through s3fs: tests/conftest.py)."""
 from __future__ import annotations
 
 import os
@@ -11,33 +11,6 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # `import factories` from these tests
 
 from storage.layout import RunLayout  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-def s3_options(endpoint: str) -> dict:
-    """s3fs options for moto: dummy keys, no region, no shared instances or listing caches."""
-    return {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint},
-            "skip_instance_cache": True, "use_listings_cache": False}
-
-
-@pytest.fixture
-def s3_bucket(s3_endpoint):
-    import s3fs
-
-    opts = s3_options(s3_endpoint)
-    bucket = f"opd-{uuid.uuid4().hex[:10]}"
-    s3fs.S3FileSystem(**opts).mkdir(bucket)
-    return bucket, opts
 
 
 @pytest.fixture(params=["local", "memory", "s3"])

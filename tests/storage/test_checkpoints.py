@@ -2,8 +2,7 @@
 import pytest
 
 from storage.checkpoints import (checkpoint_dir, checkpoint_status, commit_checkpoint, complete_checkpoints, dcp_dir,
-                                 hf_dir, is_complete, latest_checkpoint, read_checkpoint_manifest, rollout_student,
-                                 train_state_path)
+                                 hf_dir, is_complete, latest_checkpoint, read_checkpoint_manifest, rollout_student)
 from storage.errors import ManifestError
 from storage.fs import write_bytes_atomic
 
@@ -26,7 +25,6 @@ def test_paths(tmp_path):
     assert d == f"{tmp_path}/r/checkpoints/iter-000007"
     assert dcp_dir(lay, 7) == dcp_dir(d) == f"{d}/dcp"
     assert hf_dir(lay, 7) == hf_dir(d) == f"{d}/hf"
-    assert train_state_path(d) == f"{d}/train_state.json"
 
 
 def test_latest_complete_checkpoint(layout):

@@ -73,7 +73,7 @@ def test_length_mismatch_names_column_and_sample(scored):
     col[1] = col[1] + [-1.0]
     bad = _replace(table, "teacher_logp.code", pa.array(col, pa.list_(pa.float32())))
     sid = table.column("sample_id")[1].as_py()
-    with pytest.raises(ShardError, match=rf"'teacher_logp.code' has {len(col[1])} values for sample_id '{sid}' "
+    with pytest.raises(ShardError, match=rf"'teacher_logp.code' has {len(col[1])} values for sample_id '{sid}' \(row 1\) "
                                          rf"but response_ids has {len(col[1]) - 1} tokens"):
         validate_table(bad, "scored")
 
@@ -118,7 +118,7 @@ def test_row_errors(scored):
     sid = table.column("sample_id").to_pylist()
     with pytest.raises(ShardError, match=rf"sample_id repeated: \['{sid[0]}'\]"):
         validate_table(_replace(table, "sample_id", pa.array([sid[0]] + sid[:-1])), "scored")
-    with pytest.raises(ShardError, match=rf"'finish_reason' is null for sample_id '{sid[1]}'"):
+    with pytest.raises(ShardError, match=rf"'finish_reason' is null for sample_id '{sid[1]}' \(row 1\)"):
         validate_table(_replace(table, "finish_reason", pa.array(["stop", None, "stop", "stop"])), "scored")
     with pytest.raises(ShardError, match=rf"'reward' is nan for sample_id '{sid[2]}'.*use null"):
         validate_table(_replace(table, "reward", pa.array([1, None, np.nan, 0], pa.float32())), "scored")

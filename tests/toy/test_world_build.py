@@ -20,6 +20,7 @@ TINY = WorldSpec(hidden_size=64, num_heads=2, num_layers=1, intermediate_size=64
 @pytest.fixture
 def tiny(monkeypatch):
     monkeypatch.setitem(toy_world_mod.SIZES, "tiny", TINY)
+    monkeypatch.setattr(toy_world_mod, "ISOLATED", False)  # mechanics: in this process (the pinned test builds isolated)
     return "tiny"
 
 
@@ -27,6 +28,7 @@ def tiny(monkeypatch):
 def tiny_as_test(monkeypatch):
     """ToyWorldConfig.size admits only demo/test: run the tiny spec under the name "test" (tmp dirs only)."""
     monkeypatch.setitem(toy_world_mod.SIZES, "test", TINY)
+    monkeypatch.setattr(toy_world_mod, "ISOLATED", False)
     return "test"
 
 

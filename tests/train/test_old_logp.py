@@ -36,6 +36,9 @@ def test_auto_takes_behaviour_only_when_it_is_the_start_weights_logp(tmp_path):
     assert choose_old_logp("auto", cfg, prov, "/m/student", True, 3)[0] == "behaviour"
     assert choose_old_logp("behaviour", cfg, prov, "/m/student", True, 3)[0] == "behaviour"
     assert choose_old_logp("recompute", cfg, prov, "/m/student", True, 3)[0] == "recompute"
+    for mode in ("auto", "recompute", "behaviour"):  # sft has no ratio: no old_t, whatever the mode
+        src, why = choose_old_logp(mode, cfg, {}, "/m/other", False, -1, loss_kind="sft")
+        assert src == "none" and "sft" in why
     cases = [  # (config change, provenance change, behaviour present, words of the reason)
         ({"rollout.temperature": 0.7}, {}, True, "temperature=0.7"),
         ({"rollout.top_p": 0.9}, {}, True, "top_p=0.9"),

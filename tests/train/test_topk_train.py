@@ -56,7 +56,7 @@ def test_topk_training_uses_the_stored_top_k_and_lowers_the_exact_divergence(tin
     mb = collate(rows, [0, 3])
     got = {}
     with torch.no_grad():
-        response_logp(student, mb, torch.device("cpu"), got)
+        response_logp(student, mb, torch.device("cpu"), topk=got)
         for b, i in enumerate([0, 3]):  # the student's log-probs at the stored ids, by a direct forward
             ids = rows.input_ids[i]
             lsm = student(ids[None]).logits[0].log_softmax(-1)[int(rows.start[i]) - 1: len(ids) - 1]
