@@ -59,7 +59,7 @@ def test_topk_scoring_training_and_inspect(tmp_path, tiny_world):
     teacher = {"x": "tx", "y": "ty"}[t.column("domain")[0].as_py()]  # routed: only its teacher scored it
     assert set(tok0["topk"]) == {teacher} and len(tok0["topk"][teacher]) == K
     from rich.console import Console
-    from opd_tasks.inspect import render_inspect
+    from opd_tasks.render import render_inspect
     con = Console(record=True, width=200)
     render_inspect(report, con)
     assert "top-k alternatives" in con.export_text()
