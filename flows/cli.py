@@ -4,6 +4,7 @@
     opd toy build --out DIR                # build (or reuse) the toy world
     opd run configs/toy.yaml --run-dir R   # N iterations of rollout -> score -> train -> evaluate
     opd resume R                           # continue R where it stopped
+    opd plan CONFIG [--gpus 8 --gpu-memory 80]   # where each stage runs; does it fit
     opd status R [--json]                  # per iteration, which stages are done
     opd inspect R --iteration 3 [--json]   # where teachers and student disagree
     opd inspect R --offline                # the offline phase: what was kept and dropped, and why
@@ -117,7 +118,8 @@ def _flow_command(command: str, call) -> None:
 @toy_app.command("build")
 def toy_build(
     out: Path = typer.Option(..., "--out", help="directory of the world (reused when already built)"),
-    size: str = typer.Option("demo", help="demo (the demo's world, ~5 min) or test (seconds, for tests)"),
+    size: str = typer.Option("demo", help="demo (the demo's world, ~5 min), test (seconds, for tests) or "
+                                           "strong-to-weak (the demo's student; teachers grown from a larger base)"),
     seed: int = typer.Option(0, help="everything in the world is a function of this seed"),
     force: bool = typer.Option(False, help="rebuild even when a complete world is there"),
 ) -> None:
@@ -147,20 +149,53 @@ def run(
     config: Path = typer.Argument(..., help="run config (YAML), e.g. configs/toy.yaml"),
     run_dir: Optional[str] = typer.Option(None, help="run directory (any fsspec URL); default from config"),
     iterations: Optional[int] = typer.Option(None, help="override the config's iteration count"),
+    no_plan: bool = typer.Option(False, "--no-plan", help="skip the placement/memory check (`opd plan`)"),
 ) -> None:
     """Run the configured iterations; an existing run directory is resumed where it stands."""
     from flows.run import run_from_config
-    _flow_command("run", lambda: run_from_config(config, run_dir=run_dir, iterations=iterations))
+    from opd_tasks.engines.lifecycle import install_sigterm_handler
+    install_sigterm_handler()  # SIGTERM ends the engines this run starts, then exits 143
+    _flow_command("run", lambda: run_from_config(config, run_dir=run_dir, iterations=iterations,
+                                                 plan_check=not no_plan))
 
 
 @app.command()
 def resume(
     run_dir: str = typer.Argument(..., help="run directory holding run.yaml"),
     iterations: Optional[int] = typer.Option(None, help="raise the total iteration count"),
+    no_plan: bool = typer.Option(False, "--no-plan", help="skip the placement/memory check (`opd plan`)"),
 ) -> None:
     """Continue a stopped or failed run at the first stage that did not finish."""
     from flows.run import resume_run
-    _flow_command("resume", lambda: resume_run(run_dir, iterations=iterations))
+    from opd_tasks.engines.lifecycle import install_sigterm_handler
+    install_sigterm_handler()
+    _flow_command("resume", lambda: resume_run(run_dir, iterations=iterations, plan_check=not no_plan))
+
+
+@app.command()
+def plan(
+    config: Path = typer.Argument(..., help="run config (YAML)"),
+    gpus: Optional[int] = typer.Option(None, help="GPUs per node (default: placement.gpus, else "
+                                                  "train.nproc_per_node)"),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GiB per GPU (default: "
+                                               "placement.gpu_memory_gib, else 80)"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Where each stage's engines and the trainer run and the memory each needs; exits 1 naming the
+    config field to change when a stage does not fit."""
+    from opd_tasks.config import load_config
+    from opd_tasks.placement import make_plan, render_plan
+    try:
+        cfg = load_config(config)
+        if cfg.toy_world is not None:
+            from opd_tasks.toy.world import resolve_config
+            cfg = resolve_config(cfg)
+        result = make_plan(cfg, gpus=gpus, gpu_memory_gib=gpu_memory)
+    except _user_errors() as err:
+        _fail(err)
+    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else render_plan(result))
+    if result.errors:
+        raise typer.Exit(1)
 
 
 @app.command()

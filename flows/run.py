@@ -56,10 +56,11 @@ def _table(row: dict, view: str | None = None) -> list[dict]:
 
 
 @flow(name="opd-run", log_prints=True)
-def opd_run(config_path: str, run_dir: str | None = None, iterations: int | None = None) -> dict:
+def opd_run(config_path: str, run_dir: str | None = None, iterations: int | None = None,
+            plan_check: bool = True) -> dict:
     """Run (or resume) the run of `config_path` in `run_dir` (default: config's run_dir, else runs/NAME)."""
     cfg = load_config(config_path)
-    return run_config(cfg, run_dir, iterations)
+    return run_config(cfg, run_dir, iterations, plan_check)
 
 
 def _flow_run_id() -> str | None:
@@ -67,18 +68,25 @@ def _flow_run_id() -> str | None:
     return flow_run.id
 
 
-def run_config(cfg: RunConfig, run_dir: str | None = None, iterations: int | None = None) -> dict:
+def run_config(cfg: RunConfig, run_dir: str | None = None, iterations: int | None = None,
+               plan_check: bool = True) -> dict:
     run_dir = run_dir or cfg.run_dir or f"runs/{cfg.name}"
     with acquire_lease(RunLayout(run_dir), flow_run=_flow_run_id()) as lease:
-        return _run_locked(cfg, run_dir, iterations, lease)
+        return _run_locked(cfg, run_dir, iterations, lease, plan_check)
 
 
-def _run_locked(cfg: RunConfig, run_dir: str, iterations: int | None, lease) -> dict:
+def _run_locked(cfg: RunConfig, run_dir: str, iterations: int | None, lease, plan_check: bool = True) -> dict:
+    from opd_tasks.engines.lifecycle import ENGINES, clean_orphans
+    from opd_tasks.placement import check_plan
     logger = get_run_logger()
     updates = {"iterations": iterations} if iterations is not None else {}
     cfg = cfg.model_copy(update={**updates, "run_dir": run_dir})
     ctx = prepare_run(cfg, run_dir)
     check_run_verifiers(ctx.cfg)  # a domain without a verifier fails now, not at the first evaluation
+    if plan_check:  # before any engine starts: a stage that cannot fit fails here, naming the field
+        check_plan(ctx.cfg, log=logger.info)
+    for line in clean_orphans(ctx.run_dir):  # engines left by a killed earlier process of this run
+        logger.warning(line)
     # the warm start (iteration 0 starts from its checkpoint); its evaluation is its last stage
     if ctx.cfg.offline is not None and stage_status(ctx.layout.fs, ctx.layout.offline_dir("evaluation")) != "done":
         opd_offline(ctx.run_dir)
@@ -91,28 +99,32 @@ def _run_locked(cfg: RunConfig, run_dir: str, iterations: int | None, lease) -> 
     key = _artifact_key(f"{cfg.name}-progress")
     progress = create_progress_artifact(progress=100.0 * start / max(total, 1), key=key,
                                         description=f"iterations of {ctx.run_dir}")
-    for n in range(start, total):
-        lease.check()  # still ours (a holder cut off for longer than the lease's ttl must not go on)
-        stages = opd_iteration(ctx.run_dir, n)
-        row = iteration_summary(ctx, n, stages)
-        record_iteration(ctx, row)
-        view = write_iteration_view(ctx.layout, n)
-        create_table_artifact(key=_artifact_key(f"{cfg.name}-iteration-{n:04d}"), table=_table(row, view),
-                              description=f"{ctx.run_dir} iteration {n}" + (f"; token view: {view}" if view else ""))
-        update_progress_artifact(progress, progress=100.0 * (n + 1) / max(total, 1))
+    try:
+        for n in range(start, total):
+            lease.check()  # still ours (a holder cut off for longer than the lease's ttl must not go on)
+            stages = opd_iteration(ctx.run_dir, n)
+            row = iteration_summary(ctx, n, stages)
+            record_iteration(ctx, row)
+            view = write_iteration_view(ctx.layout, n)
+            create_table_artifact(key=_artifact_key(f"{cfg.name}-iteration-{n:04d}"), table=_table(row, view),
+                                  description=f"{ctx.run_dir} iteration {n}" + (f"; token view: {view}" if view else ""))
+            update_progress_artifact(progress, progress=100.0 * (n + 1) / max(total, 1))
+    finally:  # normal end or error: every engine opd started ends here (SIGTERM: lifecycle's handler)
+        ENGINES.close_all()
     return {"run_dir": ctx.run_dir, "iterations": total, "resumed_at": start}
 
 
-def run_from_config(config: Path | str, run_dir: str | None = None, iterations: int | None = None) -> dict:
+def run_from_config(config: Path | str, run_dir: str | None = None, iterations: int | None = None,
+                    plan_check: bool = True) -> dict:
     load_config(config)  # a bad config fails here, before Prefect starts
-    return opd_run(str(config), run_dir=run_dir, iterations=iterations)
+    return opd_run(str(config), run_dir=run_dir, iterations=iterations, plan_check=plan_check)
 
 
 @flow(name="opd-resume", log_prints=True)
-def resume_run(run_dir: str, iterations: int | None = None) -> dict:
+def resume_run(run_dir: str, iterations: int | None = None, plan_check: bool = True) -> dict:
     """Continue the run stored in run_dir/run.yaml."""
     ctx = RunContext.load(run_dir)
-    return run_config(ctx.raw, run_dir, iterations)
+    return run_config(ctx.raw, run_dir, iterations, plan_check)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 Engine = Literal["hf", "vllm", "remote"]
 
 # Fields a resumed run may change without changing its identity (config hash).
-MUTABLE_FIELDS = ("iterations", "run_dir", "eval.every")
+# placement: where engines run changes no result (data-parallel replicas reproduce one engine's rows).
+MUTABLE_FIELDS = ("iterations", "run_dir", "eval.every", "placement")
 NODE_LAUNCHER_FIELDS = ("command", "node_rank", "nnodes", "rdzv_endpoint", "cwd")  # train.node_launcher's placeholders
 
 
@@ -36,8 +37,9 @@ ADDED_LATER = {  # dotted field -> default left out of the hash
     "train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_end": 0.0, "train.no_sync_accumulation": False,
     "train.logp_chunk_tokens": 1024, "train.activation_checkpointing": False, "train.rdzv_endpoint": None,
     "train.rdzv_timeout_s": 600.0, "train.node_launcher": None, "data.chat_template": False,
-    "data.verifiers": {}, "scoring.top_k": 0, "loss.divergence": "fkl", "loss.beta": 0.5, "loss.tail": True,
-    "loss.sampled_weight": 0.0}
+    "data.verifiers": {}, "student.params": None, "teachers[].params": None, "reference.params": None,
+    "teachers[].reference.params": None, "scoring.top_k": 0, "loss.divergence": "fkl", "loss.beta": 0.5,
+    "loss.tail": True, "loss.sampled_weight": 0.0}
 
 
 class ConfigError(OpdError, ValueError):
@@ -52,6 +54,8 @@ class ModelConfig(_Model):
     path: str = Field(description="HF model directory, fsspec URL, or toy://NAME")
     dtype: Dtype = "float32"
     trust_remote_code: bool = Field(False, description="run code shipped with the model; off unless set")
+    params: float | None = Field(None, gt=0, description="parameter count for `opd plan` when config.json is not "
+                                                         "readable at plan time (e.g. 8.2e9)")
 
 
 class TeacherConfig(ModelConfig):
@@ -253,9 +257,30 @@ class OfflineConfig(_Model):
         return self
 
 
+Devices = list[int] | int
+
+
+class PlacementConfig(_Model):
+    """Where each engine and the trainer run on a node (see docs/architecture.md, `opd plan`).
+    Each role takes GPU ids or a count (ids then assigned from 0); a teacher with teachers[].url is
+    served by an already-running server and takes no GPU here. Stages time-share the GPUs: every engine
+    of one stage is released (its process ended) before the next stage starts."""
+    gpus: int | None = Field(None, gt=0, description="GPUs per node (default: opd plan --gpus, else "
+                                                     "train.nproc_per_node)")
+    gpu_memory_gib: float | None = Field(None, gt=0, description="memory per GPU (default: opd plan "
+                                                                 "--gpu-memory, else 80)")
+    rollout: Devices | None = Field(None, description="GPUs of the rollout engine (tp x dp of rollout.vllm)")
+    teachers: dict[str, Devices] = Field(default_factory=dict, description="NAME -> GPUs of that teacher's "
+                                                                          "scoring engine")
+    reference: Devices | None = Field(None, description="GPUs of the reference scorer")
+    trainer: Devices | None = Field(None, description="GPUs of the FSDP ranks on a node (nproc_per_node)")
+    sleep_mode: Literal["auto", "off"] = Field("auto", description="auto: vLLM sleep/wake_up instead of "
+                                               "ending the engine where the platform supports it (CUDA)")
+
+
 class ToyWorldConfig(_Model):
     dir: str = Field("~/.cache/opd/toy", description="where the world is built and cached")
-    size: Literal["demo", "test"] = "demo"
+    size: Literal["demo", "test", "strong-to-weak"] = "demo"
     seed: int = 0
 
 
@@ -276,6 +301,7 @@ class RunConfig(_Model):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     data: DataConfig
     offline: OfflineConfig | None = Field(None, description="warm start before iteration 0 (absent: none)")
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
 
     @model_validator(mode="after")
     def _teachers(self) -> "RunConfig":
@@ -319,6 +345,9 @@ class RunConfig(_Model):
                 raise ValueError(f"scoring.engine=remote: teachers {missing} have no url")
         if self.rollout.engine == "remote" and not self.rollout.url:
             raise ValueError("rollout.engine=remote needs rollout.url")
+        unknown = sorted(set(self.placement.teachers) - set(names))
+        if unknown:
+            raise ValueError(f"placement.teachers: {unknown} are not teachers; use names of {names}")
         if self.offline is not None and self.offline.source == "generate":
             model = self.offline.generate.model
             if model == "route":
@@ -363,12 +392,15 @@ class RunConfig(_Model):
         """JSON-able fields; fields added after the first release are left out while they hold their
         default, so runs made before they existed keep their config hash."""
         data = self.model_dump(mode="json", by_alias=True)
+        if data.get("placement") == PlacementConfig().model_dump(mode="json"):
+            data.pop("placement")  # added later; a run made before it keeps its config hash
         for dotted, default in ADDED_LATER.items():
             *parents, leaf = dotted.split(".")
             nodes = [data]
             for p in parents:  # "teachers[]" walks every element of the list
-                key = p.removesuffix("[]")
-                nodes = [x for n in nodes for x in (n.get(key) or [] if p.endswith("[]") else [n.get(key, {})])]
+                many = p.endswith("[]")
+                nodes = [c for n in nodes for c in ((n.get(p[:-2]) or []) if many else [n.get(p)])
+                         if isinstance(c, dict)]
             for node in nodes:
                 if leaf in node and node[leaf] == default:
                     node.pop(leaf)

@@ -60,11 +60,11 @@ def student_accuracy(ctx, model_path: str, rows) -> dict[str, float]:
 
 def teacher_accuracy(ctx, teacher, rows) -> dict[str, float]:
     from opd_tasks.rollout import teacher_generator
-    gen = teacher_generator(ctx.cfg, teacher, token_budget=ctx.cfg.eval.token_budget)
+    gen = teacher_generator(ctx.cfg, teacher, token_budget=ctx.cfg.eval.token_budget, stage="eval")
     try:
         return _accuracy(ctx, teacher.path, rows, gen)
     finally:
-        del gen  # release this teacher's engine before the next one loads
+        getattr(gen, "close", lambda: None)()  # release this teacher's engine before the next one loads
 
 
 def read_baseline(ctx) -> dict:
@@ -97,6 +97,8 @@ def evaluate_stage(ctx, stage: str, *, name: str, iteration: int, scheduled: boo
     t0 = time.perf_counter()
     metrics: dict = {"iteration": iteration, "scheduled": scheduled}
     if scheduled:
+        from opd_tasks.engines.lifecycle import release_for_stage
+        release_for_stage(ctx.cfg, "eval")
         path = model()
         read_baseline(ctx)  # once per run, before the first evaluation
         rows = eval_prompts(ctx)

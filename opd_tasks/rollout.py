@@ -168,34 +168,43 @@ def run_rollout(ctx: RunContext, iteration: int, generator: Generator | None = N
                        iteration=iteration, config_hash=ctx.config_hash, plan=plan)
 
 
-_GENERATORS: dict[tuple, Generator] = {}
-
-
-def get_generator(ctx: RunContext, model_path: str) -> Generator:
-    """A long-lived generator per (engine, run): later iterations reload weights in place."""
-    from opd_tasks.engines import hf_device, make_generator
+def get_generator(ctx: RunContext, model_path: str, stage: str = "rollout") -> Generator:
+    """The run's rollout engine (engines/lifecycle.ENGINES), on the GPUs of placement.rollout; kept
+    while no other stage needs its GPUs, weights reloaded in place for a new checkpoint."""
+    from opd_tasks.engines.lifecycle import ENGINES
+    from opd_tasks.engines.pool import build_engine
+    from opd_tasks.placement import runtime_plan
     r = ctx.cfg.rollout
-    key = (r.engine, ctx.run_dir)
-    gen = _GENERATORS.get(key)
-    if gen is None:
-        opts = {"dtype": ctx.cfg.student.dtype, "token_budget": r.token_budget, "vllm": r.vllm,
-                "url": r.url, "max_concurrency": r.max_concurrency,
-                "device": hf_device(ctx.cfg) if r.engine == "hf" else None,
-                "trust_remote_code": ctx.cfg.student.trust_remote_code}
-        gen = _GENERATORS[key] = make_generator(r.engine, model_path, **opts)
-        gen._opd_path = model_path
-    elif getattr(gen, "_opd_path", None) != model_path:
+    placed = runtime_plan(ctx.cfg).find("rollout", "rollout")
+    opts = {"dtype": ctx.cfg.student.dtype, "token_budget": r.token_budget, "vllm": r.vllm,
+            "url": r.url, "max_concurrency": r.max_concurrency,
+            "trust_remote_code": ctx.cfg.student.trust_remote_code}
+    if r.engine == "hf":
+        from opd_tasks.engines import hf_device
+        opts["device"] = hf_device(ctx.cfg)
+    sleep = ctx.cfg.placement.sleep_mode == "auto"
+    gen = ENGINES.get(stage, ("rollout", r.engine, ctx.run_dir),
+                      lambda: build_engine(r.engine, model_path, opts, placed, "rollout", ctx.run_dir, sleep=sleep),
+                      set(placed.gpus if placed else ()), sleep=sleep)
+    if getattr(gen, "_opd_path", model_path) != model_path:
         gen.load_weights(model_path)
-        gen._opd_path = model_path
+    gen._opd_path = model_path
     return gen
 
 
-def teacher_generator(cfg, teacher, token_budget: int | None = None) -> Generator:
-    """A fresh generator of `teacher` on the rollout engine (offline generation, eval baselines);
-    the caller drops it when done, so one teacher's engine is held at a time."""
-    from opd_tasks.engines import hf_device, make_generator
+def teacher_generator(cfg, teacher, token_budget: int | None = None, stage: str = "offline-generate") -> Generator:
+    """A fresh generator of `teacher` on the rollout engine, on the teacher's GPUs
+    (placement.teachers.NAME; other stages' engines there are released first), for offline
+    generation and eval baselines. The caller closes it when done: one teacher's engine at a time."""
+    from opd_tasks.engines import hf_device
+    from opd_tasks.engines.lifecycle import ENGINES
+    from opd_tasks.engines.pool import build_engine
+    from opd_tasks.placement import runtime_plan
     r = cfg.rollout
-    return make_generator(r.engine, teacher.path, dtype=teacher.dtype, token_budget=token_budget or r.token_budget,
-                          vllm=r.vllm, url=teacher.url, max_concurrency=r.max_concurrency,
-                          device=hf_device(cfg) if r.engine == "hf" else None,
-                          trust_remote_code=teacher.trust_remote_code)
+    placed = runtime_plan(cfg).find("scoring", f"teacher {teacher.name}")
+    ENGINES.enter(stage, set(placed.gpus if placed else ()))
+    opts = dict(dtype=teacher.dtype, token_budget=token_budget or r.token_budget, vllm=r.vllm, url=teacher.url,
+                max_concurrency=r.max_concurrency, trust_remote_code=teacher.trust_remote_code)
+    if r.engine == "hf":
+        opts["device"] = hf_device(cfg)
+    return build_engine(r.engine, teacher.path, opts, placed, f"teacher {teacher.name}")

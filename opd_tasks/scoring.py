@@ -7,7 +7,7 @@
     recombine(table, mode, teachers)  # new combined teacher_logp from stored per-teacher columns
 
 Scored part k is made from rollout part k, so an interrupted stage resumes at the first missing
-part. Teachers are loaded once per process and kept across iterations (they do not change).
+part. Teachers are kept across iterations while no other stage needs their GPUs (engines/lifecycle.py).
 """
 from __future__ import annotations
 
@@ -203,32 +203,43 @@ def check_tokenizers(cfg: RunConfig, student: str, with_ref: bool, ref_path: str
     return fp
 
 
-_SCORERS: dict[tuple, Scorer] = {}
+def scoring_engine(cfg: RunConfig, url: str | None) -> str:
+    """A teacher with a url is served by that running server (engine remote), unless scoring is hf."""
+    return "remote" if url and cfg.scoring.engine != "hf" else cfg.scoring.engine
 
 
-def get_scorers(cfg: RunConfig, with_ref: bool, ref_path: str) -> dict[str, Scorer]:
-    """Teachers (and the references) loaded once per process, each distinct model once;
+def get_scorers(cfg: RunConfig, with_ref: bool, ref_path: str, run_dir: str | None = None) -> dict[str, Scorer]:
+    """Teachers (and the references, each distinct model once) on their placement.teachers /
+    placement.reference GPUs, kept in engines/lifecycle.ENGINES while no other stage needs those GPUs;
     scoring.engine picks the backend."""
-    from opd_tasks.engines import hf_device, make_scorer
-    s = cfg.scoring
-    wanted = [(t.name, t.path, t.dtype, t.trust_remote_code, t.url) for t in cfg.teachers]
+    from opd_tasks.engines import hf_device
+    from opd_tasks.engines.lifecycle import ENGINES
+    from opd_tasks.engines.pool import build_engine
+    from opd_tasks.placement import runtime_plan
+    s, sleep = cfg.scoring, cfg.placement.sleep_mode == "auto"
+    plan = runtime_plan(cfg)
+    wanted = [(t.name, f"teacher {t.name}", t.path, t.dtype, t.trust_remote_code, t.url) for t in cfg.teachers]
     if with_ref:
         r = cfg.reference or cfg.student
-        wanted.append((REF, ref_path, r.dtype, r.trust_remote_code, None))
+        wanted.append((REF, "reference", ref_path, r.dtype, r.trust_remote_code, None))
         for key, m in dict(references(cfg, ref_path).values()).items() if cfg.combination == "route" else ():
-            if key != REF:
-                wanted.append((key, m.path, m.dtype, m.trust_remote_code, None))
-    out = {}
+            if key != REF:  # a teacher's own reference: on the run reference's GPUs (not in the plan yet)
+                wanted.append((key, "reference", m.path, m.dtype, m.trust_remote_code, None))
+    specs = []
     # vLLM refuses more prompt log-probs than its max_logprobs (default 20): raise it for scoring.top_k
-    vllm_kw = {"max_logprobs": s.top_k, **s.vllm} if s.engine == "vllm" and s.top_k > 20 else s.vllm
-    for name, path, dtype, trc, url in wanted:
-        key = (s.engine, path, dtype, url, vllm_kw.get("max_logprobs"))
-        if key not in _SCORERS:
-            _SCORERS[key] = make_scorer(s.engine, path, dtype=dtype, token_budget=s.token_budget, vllm=vllm_kw,
-                                        url=url, max_concurrency=s.max_concurrency, trust_remote_code=trc,
-                                        device=hf_device(cfg) if s.engine == "hf" else None)
-        out[name] = _SCORERS[key]
-    return out
+    vllm_kw = {"max_logprobs": s.top_k, **s.vllm} if s.top_k > 20 else s.vllm
+    for name, role, path, dtype, trc, url in wanted:
+        engine = scoring_engine(cfg, url)
+        placed = plan.find("scoring", role)
+        opts = dict(dtype=dtype, token_budget=s.token_budget, vllm=vllm_kw if engine == "vllm" else s.vllm, url=url,
+                    max_concurrency=s.max_concurrency, trust_remote_code=trc)
+        if engine == "hf":
+            opts["device"] = hf_device(cfg)
+        build = (lambda e=engine, p=path, o=opts, pl=placed, r=role:
+                 build_engine(e, p, o, pl, r, run_dir, scorer=True, sleep=sleep))
+        specs.append((("scoring", engine, path, dtype, url, opts["vllm"].get("max_logprobs")), build, set(placed.gpus if placed else ())))
+    engines = ENGINES.get_many("scoring", specs, sleep=sleep)  # started side by side
+    return {w[0]: e for w, e in zip(wanted, engines)}
 
 
 def stage_parts(layout, src: str, what: str) -> tuple[list[int], Callable[[int], pa.Table], Callable[[int], dict]]:
@@ -246,17 +257,19 @@ def stage_parts(layout, src: str, what: str) -> tuple[list[int], Callable[[int],
 def scoring_parts(cfg: RunConfig, keys: list[int], table_of: Callable[[int], pa.Table], *, student: str,
                   with_ref: bool, ref_path: str, provenance: dict, inputs: dict, label: str,
                   vocab_size: int | None = None, fault: str | None = None, metrics: dict | None = None,
-                  where_of: Callable[[int], dict] | None = None) -> Parts:
+                  where_of: Callable[[int], dict] | None = None, run_dir: str | None = None,
+                  scorers: Mapping[str, Scorer] | None = None) -> Parts:
     """The scoring of a stage, for write_stage: part k = score_table(table_of(k)), every teacher (and
     the references when with_ref). Tokenizers are checked and scorers loaded at the first missing
     part only. provenance: the parts' build_provenance fields besides teachers/tokenizer; where_of(k):
-    score_table's where/first_row for part k (a bad row names its input, part and row)."""
+    score_table's where/first_row for part k (a bad row names its input, part and row); scorers:
+    {teacher name (and REF): Scorer} instead of the configured engines (scripts/gpu_smoke.py)."""
     setup: dict = {}
 
     def make(k: int) -> tuple[pa.Table, dict]:
         if not setup:
             fingerprint = check_tokenizers(cfg, student, with_ref, ref_path)
-            setup["scorers"] = get_scorers(cfg, with_ref, ref_path)
+            setup["scorers"] = scorers or get_scorers(cfg, with_ref, ref_path, run_dir)
             setup["prov"] = build_provenance("scored", teachers=teacher_provenance(cfg), combination=cfg.combination,
                                              tokenizer_path=student, tokenizer_fingerprint=fingerprint,
                                              top_k=cfg.scoring.top_k or None, **provenance)
@@ -267,8 +280,9 @@ def scoring_parts(cfg: RunConfig, keys: list[int], table_of: Callable[[int], pa.
                  metrics=metrics or {})
 
 
-def run_scoring(ctx: RunContext, iteration: int) -> StageResult:
-    """Write the scored stage of `iteration` from its rollout stage (finished parts are kept)."""
+def run_scoring(ctx: RunContext, iteration: int, scorers: Mapping[str, Scorer] | None = None) -> StageResult:
+    """Write the scored stage of `iteration` from its rollout stage (finished parts are kept).
+    scorers: {teacher name (and REF): Scorer} instead of the configured engines (scripts/gpu_smoke.py)."""
     src, stage = ctx.stage_dir(iteration, "rollout"), ctx.stage_dir(iteration, "scored")
     cfg, with_ref = ctx.cfg, ctx.cfg.needs_reference
     student = ctx.student_path(iteration)
@@ -277,7 +291,7 @@ def run_scoring(ctx: RunContext, iteration: int) -> StageResult:
     def plan() -> Parts:
         keys, table_of, where_of = stage_parts(ctx.layout, src, "rollout")
         return scoring_parts(cfg, keys, table_of, student=student, with_ref=with_ref, ref_path=ctx.reference_path,
-                             where_of=where_of,
+                             where_of=where_of, run_dir=ctx.run_dir, scorers=scorers,
                              provenance=dict(iteration=iteration, config_hash=ctx.config_hash,
                                              student_checkpoint=student, reference=reference,
                                              engine=cfg.scoring.engine,

@@ -67,6 +67,7 @@ def generate_offline(cfg, fs, stage: str, *, model: str, prompts: int, group_siz
     r = cfg.rollout
     max_new = max_new_tokens or r.max_new_tokens
     teachers: dict = {}  # name -> teacher config, of the teachers that generate
+    opened: dict = {}  # name -> the one teacher engine open now
 
     def plan() -> Parts:
         need = ("domain",) if model == "route" else ()
@@ -96,8 +97,10 @@ def generate_offline(cfg, fs, stage: str, *, model: str, prompts: int, group_siz
                                          prov, id_prefix=f"off-{teacher.name}"))
 
         def engine(name: str):
+            _close(opened)  # the previous teacher's engine (its process) ends before the next one starts
             t = teachers[name]
-            return generator_factory(t) if generator_factory else teacher_generator(cfg, t)
+            opened[name] = generator_factory(t) if generator_factory else teacher_generator(cfg, t)
+            return opened[name]
 
         return rollout_parts(parts, tokenizer, engine, OFFLINE_ITERATION, group_size,
                              inputs={"prompts": cfg.data.train, "model": model,
@@ -106,8 +109,17 @@ def generate_offline(cfg, fs, stage: str, *, model: str, prompts: int, group_siz
                                     "temperature": temperature, "max_new_tokens": max_new},
                              label="offline generation", verifiers=cfg.data.verifiers)
 
-    return write_stage(fs, stage, name="offline-rollout", kind="rollout", iteration=OFFLINE_ITERATION,
-                       config_hash=config_hash, plan=plan)
+    try:
+        return write_stage(fs, stage, name="offline-rollout", kind="rollout", iteration=OFFLINE_ITERATION,
+                           config_hash=config_hash, plan=plan)
+    finally:
+        _close(opened)
+
+
+def _close(opened: dict) -> None:
+    for gen in opened.values():
+        getattr(gen, "close", lambda: None)()
+    opened.clear()
 
 
 def run_offline_generation(ctx: RunContext, generator_factory=None) -> StageResult:

@@ -16,6 +16,12 @@ vLLM load it directly. Lineage (one Llama architecture for all, SFT on answers o
     student --SFT on rev only until teacher_target-->                teachers/rev (teacher "reverser")
 
 so the student is an earlier point of each teacher's own training path: OPD can take it there.
+Size strong-to-weak changes the teachers' lineage (the student is built the same way):
+
+    init (wider, deeper) --SFT on add + rev until both are in base_band-->   teachers/base
+    teachers/base --SFT on one domain until teacher_target-->                teachers/add, teachers/rev
+
+so each teacher's pre-RL base is teachers/base, not the student (world.json: teachers.NAME.base).
 The student is weak but not lost: it writes well-formed answers and gets some right, because
 sampled reverse KL learns nothing from a student whose samples are noise (measured: a student
 at 3% collapsed to 0% under OPD at every learning rate tried).
@@ -42,7 +48,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from opd_tasks.errors import OpdError
@@ -81,6 +87,11 @@ class WorldSpec:
     batch_size: int = 64
     lr: float = 2e-3
     threads: int = 1        # 1: under load, 2 threads on 2 cores ran 2-6x slower per step
+    # strong-to-weak: the teachers grow from a larger base (not from the student), trained on both
+    # domains until each is inside base_band; None: the teachers are fine-tuned from the student
+    base_hidden_size: int | None = None
+    base_num_layers: int | None = None
+    base_band: tuple | None = None
 
 
 SIZES = {
@@ -93,8 +104,14 @@ SIZES = {
                       n_train=256, n_eval=64, n_dev=32, student_band=(0.1, 0.4), student_max_steps=600,
                       teacher_target=0.75, teacher_max_steps=600, chunk=20, batch_size=32),
 }
+SIZES["strong-to-weak"] = WorldSpec(
+    hidden_size=128, num_heads=4, num_layers=2, intermediate_size=256,
+    tasks=TaskSpec(max_digits=3, min_letters=3, max_letters=5),
+    n_train=4096, n_eval=256, n_dev=64, student_band=(0.3, 0.6), student_max_steps=1500,
+    teacher_target=0.95, teacher_max_steps=1000,
+    base_hidden_size=256, base_num_layers=3, base_band=(0.6, 0.85))
 TOY_URIS = ("student", "tokenizer", "teachers/add", "teachers/rev", "teachers/adder",
-            "teachers/reverser", "data/train.parquet", "data/eval.parquet")
+            "teachers/reverser", "teachers/base", "data/train.parquet", "data/eval.parquet")
 
 
 def _sha256(path: Path) -> str:
@@ -143,7 +160,9 @@ def _paths(out: Path) -> dict:
     return {
         "dir": str(out),
         "student": {"path": str(out / "student")},
-        "teachers": {TEACHER_NAMES[d]: {"domain": d, "path": str(out / "teachers" / d)} for d in DOMAINS},
+        "teachers": {TEACHER_NAMES[d]: {"domain": d, "path": str(out / "teachers" / d),
+                                        "base": str(out / ("teachers/base" if (out / "teachers" / "base").is_dir()
+                                                           else "student"))} for d in DOMAINS},
         "tokenizer": {"path": str(out / "tokenizer")},
         "data": {n: {"path": str(out / "data" / f"{n}.parquet")} for n in ("train", "eval")},
     }
@@ -313,14 +332,26 @@ def _build_here(out: Path, spec: WorldSpec, size: str, seed: int) -> None:
         sampler = SFTSampler(spec.tasks, held_out, seed)
         curves = {"student": _train_student(model, tok, sampler, dev, spec, max_new)}
         _save_model(model, tok, out / "student")
+        base, base_config = model, None
+        if spec.base_hidden_size:  # strong-to-weak: the teachers' own, larger base
+            torch.manual_seed(seed + 1)
+            base_config = LlamaConfig(**{**model_config.to_dict(), "hidden_size": spec.base_hidden_size,
+                                         "intermediate_size": 2 * spec.base_hidden_size,
+                                         "num_hidden_layers": spec.base_num_layers})
+            base = LlamaForCausalLM(base_config)
+            base.generation_config.pad_token_id = tok.pad_token_id
+            curves["base"] = _train_student(base, tok, SFTSampler(spec.tasks, held_out, seed + 1), dev,
+                                            replace(spec, student_band=spec.base_band), max_new)
+            _save_model(base, tok, out / "teachers" / "base")
         for domain in DOMAINS:
-            teacher = copy.deepcopy(model)
+            teacher = copy.deepcopy(base)
             curves[TEACHER_NAMES[domain]] = _train_teacher(teacher, tok, sampler, dev, domain, spec, max_new)
             _save_model(teacher, tok, out / "teachers" / domain)
         t_train = time.time() - t0
 
         # Accuracy on the eval split from the saved directories, as any user would load them.
-        models = {"student": "student", **{TEACHER_NAMES[d]: f"teachers/{d}" for d in DOMAINS}}
+        models = {"student": "student", **{TEACHER_NAMES[d]: f"teachers/{d}" for d in DOMAINS},
+                  **({"teacher_base": "teachers/base"} if base_config is not None else {})}
         accuracy = {name: greedy_accuracy(str(out / rel), splits["eval"], max_new_tokens=max_new)
                     for name, rel in models.items()}
     finally:
@@ -339,6 +370,9 @@ def _build_here(out: Path, spec: WorldSpec, size: str, seed: int) -> None:
         "spec": asdict(spec),
         "model_config": {k: v for k, v in model_config.to_dict().items()
                          if isinstance(v, (int, float, str, bool)) or v is None},
+        **({"base_model_config": {k: v for k, v in base_config.to_dict().items()
+                                  if isinstance(v, (int, float, str, bool)) or v is None}}
+           if base_config is not None else {}),
         "sha256": {rel: _sha256(out / rel / "model.safetensors") for rel in models.values()}
         | {f"data/{n}.parquet": _sha256(out / "data" / f"{n}.parquet") for n in splits},
         "build_seconds": {"train": round(t_train, 1), "total": round(time.time() - t0, 1)},

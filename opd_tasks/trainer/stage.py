@@ -91,6 +91,8 @@ def run_training(ctx: RunContext, iteration: int, on_line: Callable[[str], None]
         raise TrainError(f"{ctx.layout.url_of(scored)}: the scored stage is not complete; score "
                          f"{'the offline data' if iteration == OFFLINE_ITERATION else f'iteration {iteration}'} "
                          f"first (opd resume)")
+    from opd_tasks.engines.lifecycle import release_for_stage
+    release_for_stage(ctx.cfg, "train")  # no engine keeps memory the trainer's GPUs need
     t0 = time.perf_counter()
     tc = ctx.cfg.train
     world = tc.nproc_per_node * tc.nnodes

@@ -152,6 +152,7 @@ def test_damaged_part_is_refused_and_redone_after_the_fix_the_error_names(tmp_pa
 # ---- teacher log-probs ---------------------------------------------------------------------------
 
 def test_teacher_with_nan_weights_is_named_and_the_run_resumes_once_fixed(tmp_path, tiny_world, monkeypatch):
+    from opd_tasks.engines.lifecycle import ENGINES
     from safetensors.torch import load_file, save_file
     bad = tmp_path / "tx"
     shutil.copytree(tiny_world["tx"], bad)
@@ -162,14 +163,14 @@ def test_teacher_with_nan_weights_is_named_and_the_run_resumes_once_fixed(tmp_pa
     cfg["teachers"][0]["path"] = str(bad)
     ctx = _ctx(tmp_path, cfg)
     run_rollout(ctx, 0)
-    monkeypatch.setattr(scoring, "_SCORERS", {})
+    ENGINES.close_all()
     with pytest.raises(ShardError, match=r"iter-000000/rollout part part-00000\.parquet: teacher 'tx' returned "
                                          r"non-finite log-probs for sample 'i000000-q\d+-g0' \(row 0\); "
                                          r"check that model's weights and dtype"):
         run_scoring(ctx, 0)
     assert _status(ctx, "scored") == "missing"  # the first part failed: nothing committed
     shutil.copy(os.path.join(tiny_world["tx"], "model.safetensors"), bad / "model.safetensors")
-    monkeypatch.setattr(scoring, "_SCORERS", {})  # `opd resume` is a new process: teachers load afresh
+    ENGINES.close_all()  # `opd resume` is a new process: teachers load afresh
     assert run_scoring(ctx, 0).rows == 12
 
 

@@ -26,7 +26,7 @@ from opd_tasks.context import prepare_run
 from opd_tasks.errors import OpdError
 from opd_tasks.rollout import run_rollout
 from opd_tasks.scoring import run_scoring
-from opd_tasks.train import run_training
+from opd_tasks.trainer.stage import run_training
 from storage import fs as sfs
 from storage.checkpoints import is_complete
 from storage.errors import StorageError, StorageFullError

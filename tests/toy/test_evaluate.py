@@ -120,14 +120,15 @@ def test_hf_engines_get_the_configured_device(monkeypatch, tmp_path):
     import opd_tasks.engines as engines
     from opd_tasks.config import parse_config
     from opd_tasks.context import prepare_run
-    from opd_tasks.rollout import _GENERATORS, get_generator, teacher_generator
+    from opd_tasks.engines.lifecycle import ENGINES
+    from opd_tasks.rollout import get_generator, teacher_generator
     cfg = {"student": {"path": "s"}, "teachers": [{"name": "t", "path": "t"}], "data": {"train": "x.parquet"},
            "train": {"device": "cpu"}}
     made = []
     monkeypatch.setattr(engines, "make_generator", lambda kind, path, **opts: made.append(opts) or SimpleNamespace())
     ctx = prepare_run(parse_config(cfg), str(tmp_path / "run"))
     get_generator(ctx, "s"), teacher_generator(ctx.cfg, ctx.cfg.teachers[0])
-    _GENERATORS.clear()
+    ENGINES.close_all()
     assert [o["device"] for o in made] == ["cpu", "cpu"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert engines.hf_device(parse_config({**cfg, "train": {"device": "auto"}})) == "cuda"

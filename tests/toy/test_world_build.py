@@ -42,13 +42,32 @@ def test_same_seed_same_world_other_seed_other_world(tiny, tmp_path):
     assert pq.read_table(tmp_path / "a" / "data" / "train.parquet").equals(
         pq.read_table(tmp_path / "b" / "data" / "train.parquet"))
     assert a["student"]["path"] == str(tmp_path / "a" / "student")
-    assert a["teachers"] == {"adder": {"domain": "add", "path": str(tmp_path / "a" / "teachers" / "add")},
-                             "reverser": {"domain": "rev", "path": str(tmp_path / "a" / "teachers" / "rev")}}
+    student = str(tmp_path / "a" / "student")  # the teachers' base: fine-tuned from the student
+    assert a["teachers"] == {"adder": {"domain": "add", "path": str(tmp_path / "a" / "teachers" / "add"), "base": student},
+                             "reverser": {"domain": "rev", "path": str(tmp_path / "a" / "teachers" / "rev"),
+                                          "base": student}}
     for name in ("student", "adder", "reverser"):
         assert set(a["accuracy"][name]) == {"add", "rev"}
         assert all(0.0 <= v <= 1.0 for v in a["accuracy"][name].values())
     assert not list((tmp_path / "a").rglob("*.tmp-*"))  # no temporaries left
     assert a["steps"] == {"student": 2, "adder": 2, "reverser": 2}
+
+
+def test_strong_to_weak_teachers_grow_from_their_own_larger_base(monkeypatch, tmp_path):
+    import dataclasses
+    from transformers import AutoConfig
+    spec = dataclasses.replace(TINY, base_hidden_size=128, base_num_layers=2, base_band=(0.0, 1.0))
+    monkeypatch.setitem(toy_world_mod.SIZES, "tiny-s2w", spec)
+    w = read_world(build_world(tmp_path / "w", size="tiny-s2w", seed=0))
+    base = str(tmp_path / "w" / "teachers" / "base")
+    assert {t["base"] for t in w["teachers"].values()} == {base}
+    assert set(w["accuracy"]) == {"student", "adder", "reverser", "teacher_base"}
+    dims = {rel: (c.hidden_size, c.num_hidden_layers) for rel in ("student", "teachers/base", "teachers/add")
+            for c in [AutoConfig.from_pretrained(tmp_path / "w" / rel)]}
+    assert dims == {"student": (64, 1), "teachers/base": (128, 2), "teachers/add": (128, 2)}
+    assert w["steps"]["base"] == 2  # steered like the student: band met at the first check
+    from types import SimpleNamespace
+    assert resolve("toy://teachers/base", SimpleNamespace(dir=str(tmp_path / "w"), size="tiny-s2w", seed=0)) == base
 
 
 def test_cache_reuse_rebuild_on_change_and_force(tiny, tmp_path, monkeypatch):
