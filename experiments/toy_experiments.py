@@ -73,6 +73,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                         {"offline_share": 1.0}),
     "warm-start+opd": ("half the budget as the warm start, then OPD (routed) for the other half",
                        {"offline_share": 0.5}),
+    # Issue 18: distillation on the routed teacher's stored top-8 (tail bucket), alone or + the rkl
+    # sampled-token term (sampled_weight 1), same samples and steps as opd-route.
+    **{f"topk-{d}{'+s' if w else ''}": (f"top-8 {d} (tail bucket), routed{' + rkl sampled-token term' if w else ''}",
+                                       {"loss": {"kind": "topk", "divergence": d, "sampled_weight": w},
+                                        "scoring": {"top_k": 8}, "combination": "route"})
+       for d in ("fkl", "rkl", "jsd") for w in (0.0, 1.0)},
 }
 
 
@@ -93,9 +99,13 @@ def train_prompts(base: dict) -> int:
 
 
 def variant_config(name: str, seed: int, iterations: int, epochs: int | None = None,
-                   n_train: int | None = None) -> dict:
+                   n_train: int | None = None, world_dir: str | None = None, prompts: int | None = None) -> dict:
     """The variant's run config; n_train: rows of the world's data.train (default: read from world.json)."""
     base = yaml.safe_load(TOY.read_text())
+    if prompts:
+        base["rollout"]["prompts_per_iteration"] = prompts
+    if world_dir:  # a private toy world (the default ~/.cache one is shared by every run on the machine)
+        base["toy_world"]["dir"] = world_dir
     if epochs:
         base["train"]["epochs"] = epochs
     over = dict(VARIANTS[name][1])
@@ -130,8 +140,10 @@ def summarize(run_dir: Path) -> dict:
     domains = {t["name"]: t.get("domain") for t in yaml.safe_load((run_dir / "run.yaml").read_text())["teachers"]}
     teacher_acc = {d: base["teachers"][n][d] for n, d in domains.items() if d and n in base["teachers"]}
     final = next(r["accuracy"] for r in reversed(rows) if r.get("accuracy"))
+    secs = [sum((r.get("seconds") or {}).values()) for r in rows if r["iteration"] >= 0 and r.get("seconds")]
     out = {"initial": base["student"], "final": final, "kl_final": rows[-1].get("kl"),
-           "iterations": sum(r["iteration"] >= 0 for r in rows)}
+           "iterations": sum(r["iteration"] >= 0 for r in rows),
+           "s_per_iteration": round(statistics.mean(secs), 1) if secs else None}
     out["teacher"] = teacher_acc
     out["fraction_of_teacher"] = {d: final[d] / teacher_acc[d] for d in final if teacher_acc.get(d)}  # taught domains
     return out
@@ -147,7 +159,7 @@ def _stat(values: list[float], fmt: str = ".3f") -> str:
 
 def table(results: dict[str, list[dict]], domains=("add", "rev")) -> str:
     head = ["variant", *(f"acc {d}" for d in domains), *(f"% of teacher {d}" for d in domains),
-            "KL adder (add)", "KL reverser (rev)", "seeds"]
+            "KL adder (add)", "KL reverser (rev)", "s / iteration", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in results.items():
         cells = [name]
@@ -156,6 +168,7 @@ def table(results: dict[str, list[dict]], domains=("add", "rev")) -> str:
                   for d in domains]
         cells += [_stat([r["kl_final"][t] for r in runs if (r["kl_final"] or {}).get(t) is not None])
                   for t in ("adder", "reverser")]
+        cells.append(_stat([r["s_per_iteration"] for r in runs if r.get("s_per_iteration")], ".0f"))
         cells.append(str(len(runs)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -177,10 +190,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--iterations", type=int, default=None, help="default: configs/toy.yaml's")
     ap.add_argument("--epochs", type=int, default=None, help="train.epochs (default: configs/toy.yaml's)")
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--prompts", type=int, default=None, help="rollout.prompts_per_iteration (default: toy.yaml's)")
+    ap.add_argument("--world-dir", default=None, help="toy_world.dir (default: configs/toy.yaml's)")
     ap.add_argument("--table", action="store_true", help="only rewrite OUT/results.md from OUT/results.json")
     args = ap.parse_args(argv)
-    if args.table:
+    if args.table:  # re-summarized from the run directories where they exist (new fields appear)
         doc = json.loads((Path(args.out) / "results.json").read_text())
+        for name, runs in doc["results"].items():
+            for i, r in enumerate(runs):
+                d = Path(args.out) / re.sub(r"[^A-Za-z0-9_-]", "_", f"exp-{name}-s{r['seed']}")
+                if (d / "baseline.json").exists():
+                    runs[i] = summarize(d) | {"seed": r["seed"], "wall_s": r.get("wall_s")}
         return write_results(Path(args.out), doc["results"], doc["iterations"], doc["seeds"])
     names = [n for n in args.only.split(",") if n] or list(VARIANTS)
     unknown = sorted(set(names) - set(VARIANTS))
@@ -192,11 +212,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     from flows.run import opd_run
 
-    n_train = train_prompts(yaml.safe_load(TOY.read_text()))
+    base = yaml.safe_load(TOY.read_text())
+    if args.world_dir:
+        base["toy_world"]["dir"] = args.world_dir
+    n_train = train_prompts(base)
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:  # seed-major: every variant has one seed before any has two
         for name in names:
-            cfg = variant_config(name, seed, iterations, args.epochs, n_train)
+            cfg = variant_config(name, seed, iterations, args.epochs, n_train, args.world_dir, args.prompts)
             run_dir = out / cfg["name"]
             cfg_path = out / f"{cfg['name']}.yaml"
             cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))

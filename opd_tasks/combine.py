@@ -139,6 +139,32 @@ def combine(mode: str, teacher_flat: Mapping[str, np.ndarray], weights: Mapping[
     raise CombinationError(f"combination={mode!r} is not one of {MODES}")
 
 
+def topk_row_weights(mode: str, weights: Mapping[str, float], domain_to_teacher: Mapping[str, str],
+                     sample_domain: Sequence[str | None]) -> dict[str, np.ndarray]:
+    """How much each teacher's top-k divergence counts in each row (loss.kind=topk), [S] float64 per
+    teacher: route: 1 for the teacher of the row's domain, 0 for the others (the routed teacher's
+    top-k); mixture: the normalized weights w_k in every row. For the forward KL the weighted sum
+    sum_k w_k KL(p_k || q) has the gradient of KL(sum_k w_k p_k || q): the mixture, exactly (with K =
+    vocabulary size; with top-k each term is on its own teacher's buckets). For the reverse KL it is
+    KL(q || normalized prod_k p_k^w_k) up to a constant; for jsd the weighted sum of the per-teacher
+    JSDs (docs/algorithms.md). product: refused, its normalizer needs every token's values."""
+    if mode == "product":
+        raise CombinationError("loss.kind=topk with combination=product: the product of experts' normalizer "
+                               "needs every token's teacher values, top-k stores K; use combination: mixture with "
+                               "loss.divergence: rkl (the reverse KL to the normalized product) or route")
+    n = len(sample_domain)
+    if mode == "mixture":
+        return {k: np.full(n, w) for k, w in normalize_weights(weights).items()}
+    if mode != "route":
+        raise CombinationError(f"combination={mode!r} is not one of {MODES}")
+    domains = np.asarray(sample_domain, dtype=object)
+    check_domains(domains, domain_to_teacher)
+    out = {k: np.zeros(n) for k in weights}
+    for domain, teacher in domain_to_teacher.items():
+        out[teacher][domains == domain] = 1.0
+    return out
+
+
 def _check_weights(weights: Mapping[str, float]) -> None:
     if not weights:
         raise CombinationError("teacher weights are empty; configure at least one teacher with a weight > 0")

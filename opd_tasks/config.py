@@ -38,7 +38,8 @@ ADDED_LATER = {  # dotted field -> default left out of the hash
     "train.logp_chunk_tokens": 1024, "train.activation_checkpointing": False, "train.rdzv_endpoint": None,
     "train.rdzv_timeout_s": 600.0, "train.node_launcher": None, "data.chat_template": False,
     "data.verifiers": {}, "student.params": None, "teachers[].params": None, "reference.params": None,
-    "teachers[].reference.params": None}
+    "teachers[].reference.params": None, "scoring.top_k": 0, "loss.divergence": "fkl", "loss.beta": 0.5,
+    "loss.tail": True, "loss.sampled_weight": 0.0}
 
 
 class ConfigError(OpdError, ValueError):
@@ -74,7 +75,9 @@ class TeacherConfig(ModelConfig):
 
 
 class LossConfig(_Model):
-    kind: Literal["rkl", "gopd", "kdrl"] = Field("rkl", description="rkl: on-policy reverse KL; gopd: G-OPD/ExOPD; kdrl: GRPO + KD")
+    kind: Literal["rkl", "gopd", "kdrl", "topk"] = Field(
+        "rkl", description="rkl: on-policy reverse KL; gopd: G-OPD/ExOPD; kdrl: GRPO + KD; topk: divergence on "
+                           "the teachers' stored top-k distributions (needs scoring.top_k)")
     lam: float = Field(1.0, alias="lambda", gt=0, description="G-OPD reward scale lambda; 1 = rkl, > 1 = ExOPD")
     discount: float = Field(0.0, ge=0, le=1, description="gamma for the discounted sum of future per-token rewards")
     clip_eps_low: float | None = Field(0.2, ge=0, le=1, description="PPO ratio clip below 1 (None: no clip)")
@@ -90,6 +93,13 @@ class LossConfig(_Model):
                                 "iteration w_kd_anneal_iterations - 1, constant after); fixed, unlike `iterations`")
     kd_estimator: Literal["k2", "pg", "k3", "reward"] = Field("k2", description="kdrl: KD term estimator")
     kd_only_incorrect: bool = Field(False, description="kdrl: KD only on responses whose reward < 1")
+    divergence: Literal["fkl", "rkl", "jsd"] = Field("fkl", description="topk: KL(teacher||student), "
+                                                     "KL(student||teacher) or generalized JSD, on the top-k buckets")
+    beta: float = Field(0.5, gt=0, lt=1, description="topk jsd: weight of the teacher in the mixture (-> 0: fkl, "
+                                                     "-> 1: rkl)")
+    tail: bool = Field(True, description="topk: a bucket for the mass outside the top-k (1 - sum) on both sides; "
+                                         "false: both renormalized over the top-k")
+    sampled_weight: float = Field(0.0, ge=0, description="topk: + this x the rkl sampled-token loss")
 
     @model_validator(mode="after")
     def _kdrl(self) -> "LossConfig":
@@ -121,6 +131,8 @@ class RolloutConfig(_Model):
 
 class ScoringConfig(_Model):
     engine: Engine = "hf"
+    top_k: int = Field(0, ge=0, description="store each teacher's K most likely tokens and log-probs per response "
+                                            "token (teacher_topk_ids/logp.NAME; 0: none); loss.kind=topk needs it")
     token_budget: int = Field(32768, gt=0, description="hf: padded tokens per forward batch")
     max_concurrency: int = Field(64, gt=0, description="remote: requests in flight")
     vllm: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM kwargs")
@@ -319,6 +331,14 @@ class RunConfig(_Model):
         if self.scoring.teachers == "routed" and self.combination != "route":
             raise ValueError(f"scoring.teachers=routed needs combination=route (got {self.combination}): a "
                              f"{self.combination} reads every teacher on every token; use scoring.teachers: all")
+        if self.loss.kind == "topk" and self.scoring.top_k == 0:
+            raise ValueError("loss.kind=topk trains on the teachers' stored top-k: set scoring.top_k: K (> 0, "
+                             "e.g. 8)")
+        if self.loss.kind == "topk" and self.combination == "product":
+            raise ValueError("loss.kind=topk with combination=product: the product's normalizer needs every "
+                             "token's teacher values, top-k stores K; use combination: mixture with "
+                             "loss.divergence: rkl (exactly the reverse KL to the normalized product, "
+                             "docs/algorithms.md) or combination: route")
         if self.scoring.engine == "remote":
             missing = [t.name for t in self.teachers if not t.url]
             if missing:

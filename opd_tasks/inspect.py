@@ -187,6 +187,9 @@ def analyze(table: pa.Table, provenance: dict, top: int = 5, sample: str | None 
                                      "teachers": {k: _f(tk[k][j]) for k in teachers}, "diff": _f(diff[j])})
     if sample is not None:
         report["sample"] = _sample_view(table, sample, col, b, t, tk, row_of, decode)
+        if provenance.get("top_k"):  # each token's top-k alternatives per teacher
+            from opd_tasks.inspect_topk import add_topk
+            add_topk(report["sample"]["tokens"], table, col["sample_id"].index(sample), provenance["top_k"], decode)
     return report
 
 

@@ -130,3 +130,43 @@ def chunked_token_logp(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     if chunk < 1:
         raise ValueError(f"chunked_token_logp: chunk must be >= 1, got {chunk}")
     return _ChunkedLogp.apply(hidden, weight, bias, targets.long(), int(chunk), float(temperature))
+
+
+def topk_logp(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens of each row: logits [M, V] -> (ids [M, k] int64, log-probs [M, k]
+    float32), largest first, ties broken by the smaller token id (deterministic on every device).
+    Log-probs are logit - logsumexp in float32, the arithmetic of token_logp, so a token's value
+    here equals its token_logp value bit for bit.
+
+    torch.topk (O(V) per row), then its k candidates ordered by (-value, id); a row with a tie AT
+    the k-th value (more than k tokens >= it, where topk's pick would be arbitrary) takes a stable
+    full sort instead."""
+    if logits.dim() != 2 or not 0 < k <= logits.shape[-1]:
+        raise ValueError(f"top-k: need logits [M, V] and k in 1..V={logits.shape[-1]}, got shape "
+                         f"{tuple(logits.shape)} and k={k}; fix scoring.top_k")
+    lg = logits.float()
+    lsm = lg - torch.logsumexp(lg, dim=-1, keepdim=True)
+    vals, ids = lsm.topk(k, dim=-1)
+    ids, order = ids.sort(dim=-1)  # by id, then stable by value: ties inside the k go to the smaller id
+    vals = vals.gather(-1, order)
+    vals, order = vals.sort(dim=-1, descending=True, stable=True)
+    ids = ids.gather(-1, order)
+    tied = (lsm >= vals[:, -1:]).sum(-1) > k
+    if bool(tied.any()):
+        full_v, full_i = torch.sort(lsm[tied], dim=-1, descending=True, stable=True)
+        vals[tied], ids[tied] = full_v[:, :k], full_i[:, :k]
+    return ids, vals
+
+
+def gather_logp(logits: torch.Tensor, start: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The student's log-probs at given token ids of each response position (top-k distillation).
+
+    logits: [B, L, V] (with grad), start: [B] index of response token 0, ids: [B, R, K] int.
+    Returns [B, R, K] float32: log softmax(logits[b, start[b] - 1 + j])[ids[b, j, k]]; positions
+    past a row's end read a clamped position (mask them).
+    """
+    B, L, _ = logits.shape
+    R = ids.shape[1]
+    pos = (start.unsqueeze(1) - 1 + torch.arange(R, device=logits.device)).clamp(0, L - 1)  # [B, R]
+    lg = logits.gather(1, pos.unsqueeze(-1).expand(B, R, logits.shape[-1])).float()  # [B, R, V]
+    return lg.gather(-1, ids.long()) - torch.logsumexp(lg, dim=-1, keepdim=True)

@@ -1,5 +1,6 @@
 """The losses of on-policy distillation, pure torch: rkl, gopd (G-OPD / ExOPD), kdrl (GRPO + KD),
-and sft (negative log-likelihood of given responses: the offline warm start).
+sft (negative log-likelihood of given responses: the offline warm start) and topk (divergences on
+the teachers' stored top-k distributions: opd_tasks.losses_topk).
 
 Each loss returns `(loss, metrics)`: a scalar to MINIMIZE and a dict of python floats. The math
 and its notation (s_t, old_t, b_t, T_t, R_t, m_t) are those of docs/algorithms.md.
@@ -37,7 +38,8 @@ from typing import Optional
 import torch
 
 Tensor = torch.Tensor
-_KINDS = ("rkl", "gopd", "kdrl", "sft")
+_KINDS = ("rkl", "gopd", "kdrl", "sft", "topk")
+_DIVERGENCES = ("fkl", "rkl", "jsd")
 _AGGREGATIONS = ("token_mean", "seq_mean")
 _ESTIMATORS = ("k2", "pg", "k3", "reward")
 
@@ -45,7 +47,7 @@ _ESTIMATORS = ("k2", "pg", "k3", "reward")
 @dataclass(frozen=True)
 class LossParams:
     """One loss; fields mirror opd_tasks.config.LossConfig (w_kd already annealed, see annealed_w_kd)."""
-    kind: str = "rkl"                    # rkl | gopd | kdrl | sft
+    kind: str = "rkl"                    # rkl | gopd | kdrl | sft | topk
     lam: float = 1.0                     # gopd: reward scale lambda; 1 = rkl, > 1 = ExOPD
     discount: float = 0.0                # gamma of the discounted future reward (rkl, gopd, kdrl pg); 0 = own token
     clip_eps_low: Optional[float] = 0.2  # PPO: rho clipped below at 1 - eps (None: no lower clip)
@@ -56,17 +58,24 @@ class LossParams:
     w_kd: float = 0.005                  # kdrl: weight of the KD term
     kd_estimator: str = "k2"             # kdrl: k2 | pg | k3 | reward
     kd_only_incorrect: bool = False      # kdrl: KD only on responses whose verifier reward < 1
+    divergence: str = "fkl"              # topk: fkl | rkl | jsd on the teacher's top-k buckets
+    beta: float = 0.5                    # topk jsd: mixture weight of the teacher, 0 < beta < 1
+    tail: bool = True                    # topk: a bucket for the mass outside the top-k (else renormalize)
+    sampled_weight: float = 0.0          # topk: + this x the rkl sampled-token loss (clip, TIS as rkl)
 
     def __post_init__(self) -> None:
         for field, value, allowed in (("kind", self.kind, _KINDS), ("aggregation", self.aggregation, _AGGREGATIONS),
-                                      ("kd_estimator", self.kd_estimator, _ESTIMATORS)):
+                                      ("kd_estimator", self.kd_estimator, _ESTIMATORS),
+                                      ("divergence", self.divergence, _DIVERGENCES)):
             if value not in allowed:
                 raise ValueError(f"loss.{field}: {value!r} is not one of {list(allowed)}")
         checks = (("lam", self.lam > 0, "> 0"), ("discount", 0 <= self.discount <= 1, "in [0, 1]"),
                   ("clip_eps_low", self.clip_eps_low is None or 0 <= self.clip_eps_low <= 1, "in [0, 1] or None"),
                   ("clip_eps_high", self.clip_eps_high is None or self.clip_eps_high >= 0, ">= 0 or None"),
                   ("tis_cap", self.tis_cap is None or self.tis_cap > 0, "> 0 or None"),
-                  ("w_rl", self.w_rl >= 0, ">= 0"), ("w_kd", self.w_kd >= 0, ">= 0"))
+                  ("w_rl", self.w_rl >= 0, ">= 0"), ("w_kd", self.w_kd >= 0, ">= 0"),
+                  ("beta", 0 < self.beta < 1, "in (0, 1) (beta -> 0 is fkl, -> 1 is rkl)"),
+                  ("sampled_weight", self.sampled_weight >= 0, ">= 0"))
         for field, ok, want in checks:
             value = getattr(self, field)
             if not ok or (isinstance(value, float) and not math.isfinite(value)):
@@ -380,13 +389,17 @@ def compute_loss(params: LossParams, batch: dict[str, Tensor],
     """The trainer's one call: dispatch on params.kind.
 
     batch keys: logp, teacher_logp, mask (required; sft: logp, mask); old_logp, behaviour_logp, ref_logp (gopd),
-    advantages and rewards (kdrl), and teacher_logp.NAME per teacher (metrics); others are ignored.
+    advantages and rewards (kdrl), and teacher_logp.NAME per teacher (metrics); topk: per teacher
+    teacher_topk_logp.NAME, topk_logp.NAME [B, R, K] and topk_weight.NAME [B]; others are ignored.
     normalizer: global valid tokens (token_mean) or sequences (seq_mean) of the mini-batch.
     """
     required = ("logp", "mask") if params.kind == "sft" else ("logp", "teacher_logp", "mask")
     missing = [k for k in required if k not in batch]
     if missing:
         raise ValueError(f"compute_loss: batch lacks {missing} (has {sorted(batch)})")
+    if params.kind == "topk":
+        from opd_tasks.losses_topk import topk_loss  # noqa: PLC0415 - it builds on this module
+        return topk_loss(params, batch, normalizer)
     if params.kind == "sft":
         return sft_loss(batch["logp"], batch["mask"], teacher_logp=batch.get("teacher_logp"), params=params,
                         normalizer=normalizer)

@@ -106,6 +106,8 @@ def render_inspect(report: dict, console=None) -> None:
             tab.add_row(str(t["position"]), _tok(t["token"], t["token_id"]), _fmt(t["behaviour_logp"]),
                         _fmt(t["teacher_logp"]), *(_fmt(t["teachers"][k]) for k in names), _fmt(t["diff"]))
         con.print(tab)
+        from opd_tasks.inspect_topk import render_topk
+        render_topk(con, s)
 
 
 def _render_filter(con, f: dict) -> None:

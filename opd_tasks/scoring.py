@@ -87,8 +87,10 @@ def score_table(table: pa.Table, scorers: Mapping[str, Scorer], cfg: RunConfig, 
     """Rollout-shaped table -> scored table: teacher_logp.NAME for each teacher (null on the rows it
     does not score when scoring is routed: routed_rows), the combination, and ref_logp when
     `with_ref`: the run's reference (scorers[REF], at `ref_path`) on every row, or under route each
-    row by its teacher's reference (scorers[REF + path], see references). `where` (the input and its
-    part) and `first_row` (the table's first row in that input) name a bad row in errors."""
+    row by its teacher's reference (scorers[REF + path], see references); with scoring.top_k = K each
+    teacher's teacher_topk_ids/logp.NAME (K per response token, from the same forward; null where
+    its teacher_logp.NAME is). `where` (the input and its part) and `first_row` (the table's first
+    row in that input) name a bad row in errors."""
     prompts, _ = _lists(table, "prompt_ids")
     responses, _ = _lists(table, "response_ids")
     domains = table.column("domain").to_pylist()
@@ -96,12 +98,22 @@ def score_table(table: pa.Table, scorers: Mapping[str, Scorer], cfg: RunConfig, 
     ref_calls = _reference_calls(cfg, domains, ref_path) if with_ref else {}
     calls.update(ref_calls)
     per_teacher: dict[str, list[np.ndarray | None]] = {}
+    k, teacher_names = cfg.scoring.top_k, {t.name for t in cfg.teachers}
+    topk: dict[str, list[tuple[np.ndarray, np.ndarray] | None]] = {}
     for name, scorer in scorers.items():
         if name not in calls:
             continue
         idx = np.concatenate(calls[name])
-        out = [lp for rows in calls[name] if len(rows)
-               for lp in scorer.score([prompts[i] for i in rows], [responses[i] for i in rows])]
+        if k and name in teacher_names:
+            scored = [sc for rows in calls[name] if len(rows)
+                      for sc in scorer.score_topk([prompts[i] for i in rows], [responses[i] for i in rows], k)]
+            out = [sc.logp for sc in scored]
+            topk[name] = [None] * table.num_rows
+            for i, sc in zip(idx, scored):
+                topk[name][i] = (sc.ids.reshape(-1), sc.topk_logp.reshape(-1))
+        else:
+            out = [lp for rows in calls[name] if len(rows)
+                   for lp in scorer.score([prompts[i] for i in rows], [responses[i] for i in rows])]
         for i, lp in zip(idx, out):
             if len(lp) != len(responses[i]) or not np.isfinite(lp).all():
                 who = f"reference {name[len(REF):] or ''}".strip() if name.startswith(REF) else f"teacher {name!r}"
@@ -129,10 +141,12 @@ def score_table(table: pa.Table, scorers: Mapping[str, Scorer], cfg: RunConfig, 
         rows_ref = [next(per_teacher[k][i] for k in ref_calls if per_teacher[k][i] is not None)
                     for i in range(table.num_rows)]
         ref = (np.concatenate(rows_ref) if rows_ref else np.zeros(0, np.float32), offsets)
-    base = table.drop_columns([c for c in table.column_names if c.startswith(TEACHER_PREFIX)
+    base = table.drop_columns([c for c in table.column_names if c.startswith((TEACHER_PREFIX, "teacher_topk_"))
                                or c in ("teacher_logp", "ref_logp")])
     cols = {n: per_teacher[n] if any(lp is None for lp in per_teacher[n]) else (flat[n], offsets) for n in names}
-    return scored_table(base, cols, (combined, offsets), ref)
+    topk_cols = {n: ([None if x is None else x[0] for x in topk[n]], [None if x is None else x[1] for x in topk[n]])
+                 for n in names} if k else None
+    return scored_table(base, cols, (combined, offsets), ref, topk=topk_cols)
 
 
 def recombine(table: pa.Table, combination: str, teachers: list[dict]) -> pa.Table:
@@ -212,16 +226,18 @@ def get_scorers(cfg: RunConfig, with_ref: bool, ref_path: str, run_dir: str | No
             if key != REF:  # a teacher's own reference: on the run reference's GPUs (not in the plan yet)
                 wanted.append((key, "reference", m.path, m.dtype, m.trust_remote_code, None))
     specs = []
+    # vLLM refuses more prompt log-probs than its max_logprobs (default 20): raise it for scoring.top_k
+    vllm_kw = {"max_logprobs": s.top_k, **s.vllm} if s.top_k > 20 else s.vllm
     for name, role, path, dtype, trc, url in wanted:
         engine = scoring_engine(cfg, url)
         placed = plan.find("scoring", role)
-        opts = dict(dtype=dtype, token_budget=s.token_budget, vllm=s.vllm, url=url,
+        opts = dict(dtype=dtype, token_budget=s.token_budget, vllm=vllm_kw if engine == "vllm" else s.vllm, url=url,
                     max_concurrency=s.max_concurrency, trust_remote_code=trc)
         if engine == "hf":
             opts["device"] = hf_device(cfg)
         build = (lambda e=engine, p=path, o=opts, pl=placed, r=role:
                  build_engine(e, p, o, pl, r, run_dir, scorer=True, sleep=sleep))
-        specs.append((("scoring", engine, path, dtype, url), build, set(placed.gpus if placed else ())))
+        specs.append((("scoring", engine, path, dtype, url, opts["vllm"].get("max_logprobs")), build, set(placed.gpus if placed else ())))
     engines = ENGINES.get_many("scoring", specs, sleep=sleep)  # started side by side
     return {w[0]: e for w, e in zip(wanted, engines)}
 
@@ -255,7 +271,8 @@ def scoring_parts(cfg: RunConfig, keys: list[int], table_of: Callable[[int], pa.
             fingerprint = check_tokenizers(cfg, student, with_ref, ref_path)
             setup["scorers"] = scorers or get_scorers(cfg, with_ref, ref_path, run_dir)
             setup["prov"] = build_provenance("scored", teachers=teacher_provenance(cfg), combination=cfg.combination,
-                                             tokenizer_path=student, tokenizer_fingerprint=fingerprint, **provenance)
+                                             tokenizer_path=student, tokenizer_fingerprint=fingerprint,
+                                             top_k=cfg.scoring.top_k or None, **provenance)
         return (score_table(table_of(k), setup["scorers"], cfg, with_ref, ref_path, **(where_of(k) if where_of else {})),
                 setup["prov"])
 

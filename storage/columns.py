@@ -8,6 +8,10 @@ Rollout shard, one row per sampled response:
 Scored shard: the rollout columns + teacher_logp.NAME per teacher, teacher_logp (combined), and
 ref_logp (optional). Every log-prob list is in response-token indexing: element j is
 log p(response_ids[j] | prompt_ids + response_ids[:j]), so its length is len(response_ids).
+With scoring.top_k = K (provenance "top_k"), per teacher also teacher_topk_ids.NAME list<int32>
+and teacher_topk_logp.NAME list<float32>, K values per response token, row-major [R, K]:
+elements j*K .. j*K+K-1 are the teacher's K most likely tokens at the position that predicts
+response token j and their log-probs, largest first (ties: smaller id first).
 
     flat, offsets = pack([np.array([1, 2]), np.array([3])], np.int32)   # -> [1 2 3], [0 2 3]
     t = rollout_table({"sample_id": ids, ..., "response_ids": (flat, offsets), "iteration": 3})
@@ -25,6 +29,7 @@ import pyarrow.compute as pc
 from storage.errors import ShardError
 
 TEACHER_PREFIX = "teacher_logp."
+TOPK_IDS_PREFIX, TOPK_LOGP_PREFIX = "teacher_topk_ids.", "teacher_topk_logp."
 TEACHER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 LOGP_TOLERANCE = 1e-3  # a log-prob above this is not a log-prob (probabilities or logits stored?)
 LIST_COLUMNS_INT = ("prompt_ids", "response_ids")
@@ -60,14 +65,20 @@ def check_teacher_names(names: Iterable[str]) -> list[str]:
     return names
 
 
-def scored_schema(teacher_names: Sequence[str], with_ref: bool = False) -> pa.Schema:
+def _topk_fields(names: Sequence[str]) -> list[pa.Field]:
+    # null on the samples the teacher did not score, like its teacher_logp.NAME (scoring.teachers: routed)
+    return [f for n in names for f in (pa.field(TOPK_IDS_PREFIX + n, pa.list_(pa.int32()), nullable=True),
+                                       pa.field(TOPK_LOGP_PREFIX + n, _LOGP, nullable=True))]
+
+
+def scored_schema(teacher_names: Sequence[str], with_ref: bool = False, top_k: int = 0) -> pa.Schema:
     names = check_teacher_names(teacher_names)
     # a teacher's column is null on the samples it did not score (scoring.teachers: routed)
     fields = list(_ROLLOUT_FIELDS) + [pa.field(TEACHER_PREFIX + n, _LOGP, nullable=True) for n in names]
     fields.append(pa.field("teacher_logp", _LOGP, nullable=False))
     if with_ref:
         fields.append(pa.field("ref_logp", _LOGP, nullable=False))
-    return pa.schema(fields)
+    return pa.schema(fields + (_topk_fields(names) if top_k else []))
 
 
 def teacher_columns(names: Iterable[str]) -> list[str]:
@@ -182,10 +193,13 @@ def rollout_table(columns: dict[str, Any]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def scored_table(rollout: pa.Table, teacher_logp: dict[str, Any], combined: Any, ref: Any = None) -> pa.Table:
+def scored_table(rollout: pa.Table, teacher_logp: dict[str, Any], combined: Any, ref: Any = None,
+                 topk: dict[str, tuple[Any, Any]] | None = None) -> pa.Table:
     """Rollout table + teacher_logp.NAME per teacher (dict order), the combined teacher_logp and
     optionally ref_logp. Each log-prob column: (flat, offsets), per-row float arrays (None: a teacher that
-    did not score that row), or a pyarrow array."""
+    did not score that row), or a pyarrow array. topk: {NAME: (ids, logp)} for teacher_topk_ids/logp.NAME,
+    each given like a log-prob column with K values per response token (row-major [R, K]; None rows where
+    the teacher did not score); written with provenance top_k = K."""
     names = check_teacher_names(teacher_logp)
     taken = [c for c in rollout.column_names if c.startswith(TEACHER_PREFIX) or c in ("teacher_logp", "ref_logp")]
     if taken:
@@ -197,6 +211,10 @@ def scored_table(rollout: pa.Table, teacher_logp: dict[str, Any], combined: Any,
     table = table.append_column(pa.field("teacher_logp", _LOGP, nullable=False), list_column(combined, pa.float32()))
     if ref is not None:
         table = table.append_column(pa.field("ref_logp", _LOGP, nullable=False), list_column(ref, pa.float32()))
+    for name, (ids, logp) in (topk or {}).items():
+        ids_f, logp_f = _topk_fields([name])
+        table = table.append_column(ids_f, list_column(ids, pa.int32()))
+        table = table.append_column(logp_f, list_column(logp, pa.float32()))
     return table
 
 
@@ -208,10 +226,16 @@ def _check_lengths(arrays: list, fields: list, n: int) -> None:
 
 # ---- validation -------------------------------------------------------------------------------------
 
-def check_columns(schema: pa.Schema, kind: str, teacher_names: Sequence[str] | None, source: str) -> pa.Schema:
-    """Every expected column present with its type, and exactly the declared teachers' columns.
-    Returns the expected schema. teacher_names=None: taken from the teacher_logp.NAME columns."""
+def check_columns(schema: pa.Schema, kind: str, teacher_names: Sequence[str] | None, source: str,
+                  top_k: int = 0) -> pa.Schema:
+    """Every expected column present with its type, and exactly the declared teachers' columns
+    (with top_k > 0 also the top-k column pairs of one or more of them, scoring writes all; without,
+    none). Returns the expected schema. teacher_names=None: taken from the teacher_logp.NAME columns."""
     have = teacher_columns(schema.names)
+    topk_cols = [c for c in schema.names if c.startswith((TOPK_IDS_PREFIX, TOPK_LOGP_PREFIX))]
+    if topk_cols and not top_k:
+        raise ShardError(f"{source}: columns {topk_cols} but no top_k in the provenance; write top-k columns "
+                         f"with provenance top_k = K (storage.shards.build_provenance(..., top_k=K))")
     if kind == "scored":
         if teacher_names is None:
             teacher_names = have
@@ -224,7 +248,16 @@ def check_columns(schema: pa.Schema, kind: str, teacher_names: Sequence[str] | N
         raise ShardError(f"shard kind {kind!r} is unknown; use 'rollout' or 'scored'")
     elif have:
         raise ShardError(f"{source}: rollout shard has teacher columns {have}; write it as kind='scored'")
+    if top_k and (not isinstance(top_k, int) or top_k < 0 or kind != "scored"):
+        raise ShardError(f"{source}: provenance top_k={top_k!r} must be an integer >= 0 on a scored shard")
     exp = rollout_schema() if kind == "rollout" else scored_schema(teacher_names, "ref_logp" in schema.names)
+    if top_k:
+        topk_names = sorted({c.split(".", 1)[1] for c in topk_cols})
+        if not topk_names or set(topk_names) - set(teacher_names):
+            raise ShardError(f"{source}: provenance top_k={top_k} but top-k columns {topk_cols} (need a "
+                             f"teacher_topk_ids/logp.NAME pair per declared teacher {list(teacher_names)}); "
+                             f"score with scoring.top_k")
+        exp = pa.schema(list(exp) + _topk_fields(topk_names))
     for f in exp:
         i = schema.get_field_index(f.name)
         if i < 0:
@@ -257,11 +290,12 @@ def _locate(lengths: np.ndarray, flat_index: int) -> tuple[int, int]:
 
 
 def validate_table(table: pa.Table, kind: str = "rollout", teacher_names: Sequence[str] | None = None,
-                   vocab_size: int | None = None, source: str = "table") -> None:
+                   vocab_size: int | None = None, source: str = "table", top_k: int = 0) -> None:
     """Raise ShardError (naming `source`, the column, the sample_id and the fix) unless every row is
     sound: required columns with their types, no nulls where not allowed, unique sample_id, every
-    log-prob list as long as response_ids with finite values <= 0, token ids in [0, vocab_size)."""
-    exp = check_columns(table.schema, kind, teacher_names, source)
+    log-prob list as long as response_ids with finite values <= 0, token ids in [0, vocab_size),
+    and with top_k the top-k columns (validate_topk)."""
+    exp = check_columns(table.schema, kind, teacher_names, source, top_k)
     for f in exp:
         col = table.column(f.name)
         if not f.nullable and col.null_count:
@@ -275,7 +309,7 @@ def validate_table(table: pa.Table, kind: str = "rollout", teacher_names: Sequen
                          f"(e.g. '<iteration>-<prompt_id>-<group_index>')")
     resp = _lengths(table.column("response_ids"))
     for f in exp:
-        if f.type != _LOGP:
+        if f.type != _LOGP or f.name.startswith(TOPK_LOGP_PREFIX):
             continue
         lens = _lengths(table.column(f.name))
         bad = np.flatnonzero((lens >= 0) & (lens != resp))
@@ -316,3 +350,42 @@ def validate_table(table: pa.Table, kind: str = "rollout", teacher_names: Sequen
         r = int(np.flatnonzero(~np.isfinite(pc.fill_null(table.column("reward"), 0.0).to_numpy()))[0])
         raise ShardError(f"{source}: column 'reward' is {reward[~np.isfinite(reward)][0]} for sample_id "
                          f"{_sample(table, r)}; rewards must be finite (use null for 'no reward')")
+
+
+def validate_topk(table: pa.Table, top_k: int, vocab_size: int | None = None, source: str = "table") -> None:
+    """Each teacher_topk_ids/logp.NAME pair: null exactly where teacher_logp.NAME is, else K = top_k
+    values per response token, ids in the vocabulary and distinct per position, log-probs finite,
+    <= 0, sorted descending per position, and summing to at most 1 (up to LOGP_TOLERANCE)."""
+    resp_all = _lengths(table.column("response_ids"))
+    for name in [c[len(TOPK_IDS_PREFIX):] for c in table.column_names if c.startswith(TOPK_IDS_PREFIX)]:
+        cols = (TOPK_IDS_PREFIX + name, TOPK_LOGP_PREFIX + name)
+        scored = _lengths(table.column(TEACHER_PREFIX + name)) >= 0 if TEACHER_PREFIX + name in table.column_names \
+            else np.ones(len(resp_all), bool)
+        resp = np.where(scored, resp_all, -1)  # rows the teacher did not score: null, length -1
+        for col in cols:
+            lens = _lengths(table.column(col))
+            bad = np.flatnonzero(lens != np.where(scored, resp * top_k, -1))
+            if bad.size:
+                r = int(bad[0])
+                raise ShardError(f"{source}: column {col!r} has {lens[r]} values for sample_id {_sample(table, r)}, "
+                                 f"expected top_k x response tokens = {top_k} x {resp_all[r]} (null where "
+                                 f"{TEACHER_PREFIX + name} is); re-score with scoring.top_k")
+        ids = pc.list_flatten(table.column(cols[0])).to_numpy().reshape(-1, top_k)
+        lp = pc.list_flatten(table.column(cols[1])).to_numpy().reshape(-1, top_k)
+        pos_len = np.repeat(np.arange(len(resp)), np.maximum(resp, 0))
+        hi = vocab_size if vocab_size is not None else np.iinfo(np.int32).max
+        checks = ((lambda: ((ids < 0) | (ids >= hi)).any(1), "token ids outside the vocabulary"),
+                  (lambda: (np.diff(np.sort(ids, axis=1), axis=1) == 0).any(1), "a token id twice"),
+                  (lambda: (~np.isfinite(lp) | (lp > LOGP_TOLERANCE)).any(1), "log-probs that are not finite and <= 0"),
+                  (lambda: (np.diff(lp, axis=1) > 0).any(1), "log-probs not sorted largest first"),
+                  (lambda: np.logaddexp.reduce(lp.astype(np.float64), axis=1) > LOGP_TOLERANCE,
+                   "probabilities summing above 1"))
+        for check, what in checks:  # in order: later checks assume the earlier ones passed
+            wrong = check()
+            if wrong.any():
+                i = int(np.flatnonzero(wrong)[0])
+                r = int(pos_len[i])
+                j = i - int(np.concatenate([[0], np.cumsum(np.maximum(resp, 0))])[r])
+                raise ShardError(f"{source}: teacher {name!r} top-k has {what} at response token {j} of sample_id "
+                                 f"{_sample(table, r)}; the scorer must store each position's K most likely tokens "
+                                 f"(ids, log-probs) largest first: re-score with scoring.top_k")

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from storage.columns import (TEACHER_PREFIX, check_columns, check_teacher_names, flat_logp, list_array,  # noqa: F401
                              list_column, pack, rollout_schema, rollout_table, scored_schema, scored_table,
-                             teacher_columns, validate_table)
+                             teacher_columns, validate_table, validate_topk)
 from storage.errors import ManifestError, ShardError
 from storage.fs import exists, filesystem, list_dir, read_bytes, retried, sha256_hex
 from storage.manifest import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, PartInfo, commit_manifest,  # noqa: F401
@@ -89,13 +89,16 @@ def write_part(fs: fsspec.AbstractFileSystem, stage_dir: str, index: int, table:
         raise ShardError(f"{stage_dir}: provenance must be a dict with kind in {KINDS} (use build_provenance)")
     kind = provenance["kind"]
     path = posixpath.join(stage_dir, part_name(index))
-    validate_table(table, kind, _declared_teachers(provenance), vocab_size, source=path)
+    top_k = provenance.get("top_k") or 0
+    validate_table(table, kind, _declared_teachers(provenance), vocab_size, source=path, top_k=top_k)
+    if top_k:
+        validate_topk(table, top_k, vocab_size, source=path)
     meta = {**provenance, "schema_version": SCHEMA_VERSION}
     try:
         blob = json.dumps(meta, allow_nan=False, sort_keys=True).encode()
     except (TypeError, ValueError) as err:
         raise ShardError(f"{path}: provenance is not JSON ({err}); pass plain strings and numbers") from None
-    exp = {f.name: f for f in check_columns(table.schema, kind, _declared_teachers(provenance), path)}
+    exp = {f.name: f for f in check_columns(table.schema, kind, _declared_teachers(provenance), path, top_k)}
     schema = pa.schema([exp.get(f.name, f) for f in table.schema], metadata={PROVENANCE_KEY: blob})
     table = table.cast(schema)
     per_row = max(1, table.nbytes // max(1, table.num_rows))
@@ -140,7 +143,7 @@ def _provenance(schema: pa.Schema, path: str) -> dict:
     except (KeyError, TypeError):
         raise ShardError(f"{path}: provenance 'teachers' is malformed (need a list of {{'name': ...}}); "
                          f"the file is corrupt or not written by opd") from None
-    check_columns(schema, prov["kind"], teachers, path)
+    check_columns(schema, prov["kind"], teachers, path, prov.get("top_k") or 0)
     return prov
 
 
@@ -208,7 +211,7 @@ def _manifest_or_fail(fs: fsspec.AbstractFileSystem, stage_dir: str) -> Manifest
 
 
 def _same_kind(first: dict, prov: dict, path: str) -> None:
-    for key in ("kind", "teachers", "combination"):
+    for key in ("kind", "teachers", "combination", "top_k"):
         if prov.get(key) != first.get(key):
             raise ShardError(f"{path}: provenance {key}={prov.get(key)!r} differs from the stage's first part "
                              f"({first.get(key)!r}); one stage holds one kind of shard")

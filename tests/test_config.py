@@ -106,3 +106,18 @@ def test_pure_kd_does_not_keep_the_tiny_joint_weight():
     assert parse_config(minimal(loss={"kind": "kdrl", "w_rl": 0})).loss.w_kd == 1.0
     assert parse_config(minimal(loss={"kind": "kdrl"})).loss.w_kd == 0.005
     assert parse_config(minimal(loss={"kind": "kdrl", "w_rl": 0, "w_kd": 0.1})).loss.w_kd == 0.1
+
+
+def test_topk_loss_needs_scoring_top_k_and_refuses_product():
+    from opd_tasks.config import ConfigError, parse_config
+    base = {"student": {"path": "s"}, "teachers": [{"name": "a", "path": "a"}], "data": {"train": "d"}}
+    with pytest.raises(ConfigError, match="scoring.top_k"):
+        parse_config({**base, "loss": {"kind": "topk"}})
+    with pytest.raises(ConfigError, match="combination=product"):
+        parse_config({**base, "loss": {"kind": "topk"}, "scoring": {"top_k": 8}, "combination": "product"})
+    with pytest.raises(ConfigError, match="loss.beta"):
+        parse_config({**base, "loss": {"kind": "topk", "divergence": "jsd", "beta": 1.0}, "scoring": {"top_k": 8}})
+    ok = parse_config({**base, "loss": {"kind": "topk", "divergence": "jsd"}, "scoring": {"top_k": 8}})
+    assert ok.loss.beta == 0.5 and ok.loss.tail and ok.scoring.top_k == 8
+    assert parse_config(base).config_hash() == parse_config({**base, "scoring": {"top_k": 0},
+                                                             "loss": {"sampled_weight": 0.0}}).config_hash()

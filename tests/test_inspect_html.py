@@ -28,13 +28,14 @@ K = 3
 
 
 def _with_topk(table: pa.Table, name: str, rng) -> pa.Table:
-    """teacher_topk_ids/logp.NAME: per token K distinct ids with sorted log-probs (one list per token)."""
+    """teacher_topk_ids/logp.NAME as storage writes them: per token K distinct ids with sorted
+    log-probs, K per token in one flat list per row (provenance top_k = K)."""
     ids, lps = [], []
     for n in [len(r) for r in table.column("response_ids").to_pylist()]:
-        ids.append([rng.choice(32, K, replace=False).tolist() for _ in range(n)])
-        lps.append([np.sort(np.log(rng.dirichlet(np.ones(K + 1))[:K]))[::-1].tolist() for _ in range(n)])
-    table = table.append_column("teacher_topk_ids." + name, pa.array(ids, pa.list_(pa.list_(pa.int32()))))
-    return table.append_column("teacher_topk_logp." + name, pa.array(lps, pa.list_(pa.list_(pa.float32()))))
+        ids.append([i for _ in range(n) for i in rng.choice(32, K, replace=False).tolist()])
+        lps.append([v for _ in range(n) for v in np.sort(np.log(rng.dirichlet(np.ones(K + 1))[:K]))[::-1].tolist()])
+    table = table.append_column("teacher_topk_ids." + name, pa.array(ids, pa.list_(pa.int32())))
+    return table.append_column("teacher_topk_logp." + name, pa.array(lps, pa.list_(pa.float32())))
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,7 @@ def view(tmp_path_factory):
     for t, d in zip(prov["teachers"], ("math", "code")):
         t["domain"] = d
     table = _with_topk(table, "math", np.random.default_rng(1))
+    prov["top_k"] = K
     layout = RunLayout(str(base / "run"))
     F.write_stage(layout.fs, layout.stage_dir(0, "scored"), table, prov, rows_per_part=5)
     out = base / "view.html"
@@ -87,8 +89,8 @@ def test_the_page_in_chromium_shows_the_shards_values(view, tmp_path):
         assert br.eval("document.querySelector('#details b').textContent") == sid
         alts = br.eval("[...document.querySelectorAll(\"#details [data-field='topk.math'] .alt\")]"
                        ".map(e => [+e.dataset.id, +e.dataset.value])")
-        assert [a[0] for a in alts] == r["teacher_topk_ids.math"][p]
-        assert [a[1] for a in alts] == pytest.approx(r["teacher_topk_logp.math"][p], abs=1e-6)
+        assert [a[0] for a in alts] == r["teacher_topk_ids.math"][p * K:(p + 1) * K]
+        assert [a[1] for a in alts] == pytest.approx(r["teacher_topk_logp.math"][p * K:(p + 1) * K], abs=1e-6)
         assert br.eval("document.querySelector(\"#details [data-field='topk.code']\")") is None  # not stored
 
         # click pins: hovering elsewhere keeps the pinned token until it is clicked again

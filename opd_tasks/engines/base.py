@@ -33,6 +33,29 @@ class Sample:
     finish_reason: str          # "stop" (EOS) or "length"
 
 
+@dataclass
+class TopKScores:
+    """One response scored with its top-k (Scorer.score_topk). logp: [R] float32 as score();
+    ids: [R, K] int32, the K most likely tokens at the position predicting response token j;
+    topk_logp: [R, K] float32 their log-probs, largest first, ties broken by the smaller id."""
+    logp: np.ndarray
+    ids: np.ndarray
+    topk_logp: np.ndarray
+
+    @classmethod
+    def empty(cls, k: int) -> "TopKScores":
+        return cls(np.zeros(0, np.float32), np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
+
+
+def sorted_topk(entries: Sequence[tuple[int, float]], k: int) -> tuple[list[int], list[float]] | None:
+    """The k best (id, log-prob) pairs of one position from an engine's answer: largest first,
+    ties by the smaller id; None when fewer than k are given (the engine cannot return k)."""
+    if len(entries) < k:
+        return None
+    best = sorted(entries, key=lambda e: (-e[1], e[0]))[:k]
+    return [int(i) for i, _ in best], [float(v) for _, v in best]
+
+
 class Generator(Protocol):
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[list[Sample]]:
         """n samples per prompt: result[i][g] is sample g of prompt i."""
@@ -46,4 +69,9 @@ class Generator(Protocol):
 class Scorer(Protocol):
     def score(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Per-token log-probs (float32, temperature 1) of each response given its prompt."""
+        ...
+
+    def score_topk(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                   k: int) -> list[TopKScores]:
+        """score() plus the k most likely tokens and their log-probs at every response position."""
         ...

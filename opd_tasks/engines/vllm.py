@@ -4,6 +4,7 @@
     samples = gen.generate([[1, 5, 6]], n=4, sampling=SamplingParams(temperature=0.7))
     scorer = VLLMScorer("teacher/hf", tensor_parallel_size=2)   # extra kwargs go to vllm.LLM
     logps = scorer.score(prompt_ids, response_ids)     # list of [len(response)] float32
+    scored = scorer.score_topk(prompt_ids, response_ids, k=8)  # + top-8 (needs max_logprobs >= 8)
     gen.load_weights("ckpt-next/hf")                   # in place, no rebuild
     student_scorer = VLLMScorer.sharing(gen)           # same model: one LLM for both jobs
 
@@ -33,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from opd_tasks.engines import EngineInputError
-from opd_tasks.engines.base import Sample, SamplingParams
+from opd_tasks.engines.base import Sample, SamplingParams, TopKScores, sorted_topk
 from opd_tasks.errors import OpdError
 from opd_tasks.models import local_model_dir, remote_code, safetensors_files
 
@@ -194,28 +195,46 @@ class VLLMEngine:
         return result
 
     def score(self, prompt_ids: Sequence[Sequence[int]],
-              response_ids: Sequence[Sequence[int]], top_k: int = 0) -> list[np.ndarray]:
+              response_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Per-token log-probs (float32, temperature 1) of each response given its prompt.
 
         One llm.generate call over all rows with prompt = prompt_ids + response_ids and
-        prompt_logprobs=top_k; out[b][j] = prompt_logprobs[len(prompt_ids[b]) + j][response_ids[b][j]].
-        (top_k > 0 only adds other tokens to each position; the value is still looked up by id.)
+        prompt_logprobs=0; out[b][j] = prompt_logprobs[len(prompt_ids[b]) + j][response_ids[b][j]].
         """
+        return [s.logp for s in self._score(prompt_ids, response_ids, 0)]
+
+    def score_topk(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                   k: int) -> list[TopKScores]:
+        """score() plus the k most likely tokens per position: prompt_logprobs=k, whose entries (the
+        top k and the actual token, keyed by id) are sorted by (-log-prob, id) and cut to k. The
+        LLM must allow it: max_logprobs >= k (scoring.vllm; the scoring stage sets it)."""
+        if k < 1:
+            raise EngineInputError(f"score_topk: k must be >= 1, got {k}; fix scoring.top_k")
+        return self._score(prompt_ids, response_ids, k)
+
+    def _score(self, prompt_ids, response_ids, k: int) -> list[TopKScores]:
         if len(prompt_ids) != len(response_ids):
             raise EngineInputError(f"score: {len(prompt_ids)} prompts but {len(response_ids)} responses")
         for b, p in enumerate(prompt_ids):
             if len(p) == 0:
                 raise EngineInputError(f"score: row {b} has an empty prompt; a response needs a prompt token before it")
         vllm = _import_vllm()
-        params = vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=top_k, detokenize=False)
+        params = vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k, detokenize=False)
         full = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
         outs = self._run(_prompts(full), params)
         result = []
         for b, (out, p, r) in enumerate(zip(outs, prompt_ids, response_ids)):
-            plp = out.prompt_logprobs
-            start = len(p)
-            result.append(np.asarray([_token_logp(plp[start + j], int(t), f"row {b} response token {j}")
-                                      for j, t in enumerate(r)], dtype=np.float32))
+            plp, start = out.prompt_logprobs, len(p)
+            logp = np.asarray([_token_logp(plp[start + j], int(t), f"row {b} response token {j}")
+                               for j, t in enumerate(r)], dtype=np.float32)
+            ids, top = np.zeros((len(r), k), np.int32), np.zeros((len(r), k), np.float32)
+            for j in range(len(r) if k else 0):
+                best = sorted_topk([(int(i), float(e.logprob)) for i, e in plp[start + j].items()], k)
+                if best is None:
+                    raise VLLMEngineError(f"vllm returned {len(plp[start + j])} alternatives at row {b} response "
+                                          f"token {j}, fewer than scoring.top_k={k}; is k above the vocabulary size?")
+                ids[j], top[j] = best
+            result.append(TopKScores(logp, ids, top))
         return result
 
     def load_weights(self, path: str) -> None:

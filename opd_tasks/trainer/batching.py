@@ -15,11 +15,14 @@ from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from opd_tasks.packing import pack
 from opd_tasks.trainer import TrainError
 from storage.columns import TEACHER_PREFIX, flat_logp
+
+TOPK_IDS, TOPK_LOGP = "teacher_topk_ids.", "teacher_topk_logp."  # = storage.columns' prefixes
 
 
 @dataclass
@@ -39,6 +42,10 @@ class Rows:
     advantages: torch.Tensor | None = None
     teachers: list[str] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)  # the scored stage's (Parquet metadata), {} if none
+    top_k: int = 0  # loss.kind=topk: K, and per teacher taking part ids/logp [R_i * K] and row weights [N]
+    topk_ids: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    topk_logp: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    topk_weight: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -69,10 +76,12 @@ def _lists(table: pa.Table, name: str, source: str, dtype,
 
 
 def rows_from_table(table: pa.Table, source: str, *, need_ref: bool = False, need_reward: bool = False,
-                    need_behaviour: bool = True) -> Rows:
+                    need_behaviour: bool = True, topk_weights: dict[str, np.ndarray] | None = None) -> Rows:
     """Build Rows from a scored table; errors name `source` (the scored dir), the column and the fix.
 
     behaviour_logp may be null in every row (offline data) when need_behaviour is False (no TIS).
+    topk_weights (loss.kind=topk): per teacher its [N] row weights (combine.topk_row_weights); the
+    top-k columns of the teachers with any weight > 0 are read, K from the provenance's top_k.
     """
     if table.num_rows == 0:
         raise TrainError(f"{source}: the scored stage has no rows; nothing to train on "
@@ -123,11 +132,59 @@ def rows_from_table(table: pa.Table, source: str, *, need_ref: bool = False, nee
             raise TrainError(f"{source}: column 'reward' has {r.null_count} null rows; loss.kind=kdrl needs a "
                              f"verifier reward for every sample (check data.train's answers/domains)")
         rewards = torch.from_numpy(np.asarray(r.to_numpy(zero_copy_only=False), dtype=np.float32).copy())
-    return Rows(
+    rows = Rows(
         input_ids=[torch.from_numpy(np.concatenate([p, r])) for p, r in zip(prompts, responses)],
         start=torch.from_numpy(plen.copy()), response_len=torch.from_numpy(rlen.copy()),
         token=token, rewards=rewards, prompt_ids=[str(p) for p in table.column("prompt_id").to_pylist()],
         teachers=teachers, provenance=_provenance(table))
+    if topk_weights is not None:
+        _read_topk(rows, table, source, topk_weights, rlen)
+    return rows
+
+
+def _read_topk(rows: Rows, table: pa.Table, source: str, weights: dict[str, np.ndarray], rlen: np.ndarray) -> None:
+    k = rows.provenance.get("top_k") or 0
+    names = [n for n, w in sorted(weights.items()) if (np.asarray(w) > 0).any()]
+    missing = [p + n for n in names for p in (TOPK_IDS, TOPK_LOGP) if p + n not in table.column_names]
+    if not k or missing:
+        raise TrainError(f"{source}: loss.kind=topk needs the teachers' top-k, but the scored shards have "
+                         f"{'no top_k in their provenance' if not k else f'no column(s) {missing}'}; set scoring.top_k: K "
+                         f"(> 0) and re-score (delete this scored directory, then opd resume)")
+    rows.top_k = k
+    for n in names:
+        w = np.asarray(weights[n], dtype=np.float32)
+        ids, lp = (_topk_rows(table, c + n, source, dt, rlen, k, w) for c, dt in ((TOPK_IDS, np.int64),
+                                                                               (TOPK_LOGP, np.float32)))
+        rows.topk_ids[n] = [torch.from_numpy(v.reshape(-1, k)) for v in ids]
+        rows.topk_logp[n] = [torch.from_numpy(v.reshape(-1, k)) for v in lp]
+        rows.topk_weight[n] = torch.from_numpy(w)
+
+
+def _topk_rows(table: pa.Table, name: str, source: str, dtype, rlen: np.ndarray, k: int,
+               w: np.ndarray) -> list[np.ndarray]:
+    """Per-row values [R_i * K] of a top-k column. A row the teacher did not score (null: routed
+    scoring) is allowed where its weight is 0, and reads as ids 0..K-1 with log-probs -log(K + 1)
+    at every position (a valid placeholder that the weight-0 term multiplies by 0)."""
+    col = table.column(name).combine_chunks()
+    null = col.is_null().to_numpy(zero_copy_only=False) if col.null_count else np.zeros(len(col), bool)
+    if (null & (w > 0)).any():
+        r = int(np.flatnonzero(null & (w > 0))[0])
+        raise TrainError(f"{source}: column {name!r} is null for row {r}, which this teacher teaches; re-score "
+                         f"with scoring.top_k (and scoring.teachers: all for a mixture)")
+    vals = np.array(col.flatten().to_numpy(zero_copy_only=False), dtype=dtype)  # null rows hold no values
+    have = np.where(null, 0, pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int64))
+    if (have[~null] != rlen[~null] * k).any() or have.sum() != len(vals):
+        raise TrainError(f"{source}: column {name!r} does not hold top_k={k} values per response token; re-run "
+                         f"scoring for this iteration")
+    fill = np.arange(k, dtype=dtype) if np.issubdtype(dtype, np.integer) else np.full(k, -np.log(k + 1), dtype)
+    out, at = [], 0
+    for i, n in enumerate(rlen * k):
+        if null[i]:
+            out.append(np.tile(fill, int(rlen[i])))
+        else:
+            out.append(vals[at:at + n])
+            at += n
+    return out
 
 
 def _provenance(table: pa.Table) -> dict:
@@ -179,7 +236,8 @@ def collate(rows: Rows, idx: list[int], token_names: Iterable[str] | None = None
 
     Returns input_ids/attention_mask [B, L]; start, response_len [B]; mask [B, R] bool; for every
     per-token column NAME in `token_names` (default: all of rows.token): NAME [B, R] float32
-    (0 on padding); rewards [B] and advantages [B] when present.
+    (0 on padding); rewards [B] and advantages [B] when present; with top-k rows, per teacher
+    teacher_topk_ids.NAME [B, R, K] int64, teacher_topk_logp.NAME [B, R, K], topk_weight.NAME [B].
     """
     L = int(rows.lengths[idx].max())
     R = int(rows.response_len[idx].max())
@@ -195,6 +253,13 @@ def collate(rows: Rows, idx: list[int], token_names: Iterable[str] | None = None
         r = int(rows.response_len[i])
         for name in names:
             out[name][b, :r] = rows.token[name][i]
+    for n in rows.topk_ids:  # [B, R, K]; padding: id 0 and log-prob 0 (the loss reads only masked-in tokens)
+        t_ids, t_lp = torch.zeros((B, R, rows.top_k), dtype=torch.long), torch.zeros((B, R, rows.top_k))
+        for b, i in enumerate(idx):
+            r = int(rows.response_len[i])
+            t_ids[b, :r], t_lp[b, :r] = rows.topk_ids[n][i], rows.topk_logp[n][i]
+        out[TOPK_IDS + n], out[TOPK_LOGP + n] = t_ids, t_lp
+        out["topk_weight." + n] = rows.topk_weight[n][torch.tensor(idx, dtype=torch.long)]
     sel = torch.tensor(idx, dtype=torch.long)
     out.update(input_ids=ids, attention_mask=att, start=rows.start[sel], response_len=rows.response_len[sel],
                mask=torch.arange(R).unsqueeze(0) < rows.response_len[sel].unsqueeze(1), rewards=rows.rewards[sel])

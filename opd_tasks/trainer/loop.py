@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
-from opd_tasks.logprobs import chunked_token_logp, gather_response, response_positions, token_logp
+from opd_tasks.logprobs import chunked_token_logp, gather_logp, gather_response, response_positions, token_logp
 from opd_tasks.losses import LossParams, compute_loss, group_advantages
 from opd_tasks.trainer import TrainError
 from opd_tasks.trainer.batching import Rows, collate, group_ids, mini_batches, rank_plan
@@ -79,25 +79,32 @@ def lean_head(model: torch.nn.Module, device: torch.device | None = None) -> tor
     return head if ok else None
 
 
-def response_logp(model: torch.nn.Module, mb: dict, device: torch.device, chunk_tokens: int = 1024) -> torch.Tensor:
+def response_logp(model: torch.nn.Module, mb: dict, device: torch.device, chunk_tokens: int = 1024,
+                  topk: dict | None = None) -> torch.Tensor:
     """s_t of a collated micro-batch: [B, R] float32 (0 on padding), with grad when enabled.
+
+    topk (loss.kind=topk): a dict that receives topk_logp.NAME [B, R, K], the student's log-probs at
+    teacher NAME's stored ids (mb's teacher_topk_ids.NAME), from the same forward's full log-softmax
+    (so this path takes the full logits, not the chunked one).
 
     chunk_tokens > 0 (and a plain linear output layer): the output layer runs on the response
     positions only, chunk_tokens at a time (chunked_token_logp: no [tokens, vocab] float32 tensor,
     forward or backward); it runs inside the model's forward (its forward is swapped for the call),
     so FSDP2 gathers and reduces its weight as usual. 0: full logits, then token_logp.
     """
-    head = lean_head(model, device) if chunk_tokens > 0 else None
-    return _logp(model, head, mb, device, chunk_tokens)
+    head = lean_head(model, device) if chunk_tokens > 0 and topk is None else None
+    return _logp(model, head, mb, device, chunk_tokens, topk)
 
 
 def _logp(model: torch.nn.Module, head: torch.nn.Linear | None, mb: dict, device: torch.device,
-          chunk_tokens: int) -> torch.Tensor:
+          chunk_tokens: int, topk: dict | None = None) -> torch.Tensor:
     ids = mb["input_ids"].to(device)
     att = mb["attention_mask"].to(device)
     start, rlen = mb["start"].to(device), mb["response_len"].to(device)
     if head is None:
         logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
+        for key in [k for k in mb if k.startswith("teacher_topk_ids.")] if topk is not None else []:
+            topk["topk_logp." + key.split(".", 1)[1]] = gather_logp(logits, start, mb[key].to(device))
         return gather_response(token_logp(logits, ids), start, rlen)[0]
     pred, mask = response_positions(start, rlen, ids.shape[1])
     targets = ids.reshape(-1)[pred + 1]
@@ -249,6 +256,8 @@ class _Metrics:
 def _loss_keys(params: LossParams, rows: Rows) -> list[str]:
     """The loss's metric names, from a 1-row dry call (identical on every rank)."""
     mb = _loss_batch(collate(rows, [0]), torch.zeros(1, int(rows.response_len[0])), params)
+    for n in rows.topk_ids:  # a uniform student over the K ids and the tail
+        mb["topk_logp." + n] = torch.full(mb["teacher_topk_logp." + n].shape, -math.log(rows.top_k + 1))
     return list(compute_loss(params, mb)[1])
 
 
@@ -310,11 +319,13 @@ def train_iteration(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ro
             for n, idx in enumerate(plan):
                 _gradient_sync(model, not cfg.no_sync or n == len(plan) - 1)
                 mb = collate(rows, idx or [int(mini[0])])
-                logp = response_logp(model, mb, device, cfg.logp_chunk_tokens)
+                student_topk = {} if params.kind == "topk" else None
+                logp = response_logp(model, mb, device, cfg.logp_chunk_tokens, student_topk)
                 if idx is None:  # dummy: same collectives as the other ranks, zero gradient
-                    (logp.sum() * 0.0).backward()
+                    (logp.sum() * 0.0 + sum(t.sum() * 0.0 for t in (student_topk or {}).values())).backward()
                     continue
-                loss, m = compute_loss(params, _loss_batch(mb, logp, params), normalizer=norm)
+                loss, m = compute_loss(params, {**_loss_batch(mb, logp, params), **(student_topk or {})},
+                                       normalizer=norm)
                 loss.backward()
                 acc.add(m)
                 counts += torch.tensor([float(mb["attention_mask"].sum()), float(mb["input_ids"].numel())],

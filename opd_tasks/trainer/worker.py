@@ -70,7 +70,8 @@ def loss_params(cfg: RunConfig, iteration: int) -> LossParams:
     return LossParams(kind=lc.kind, lam=lc.lam, discount=lc.discount, clip_eps_low=lc.clip_eps_low,
                       clip_eps_high=lc.clip_eps_high, tis_cap=lc.tis_cap, aggregation=lc.aggregation,
                       w_rl=lc.w_rl, w_kd=annealed_w_kd(lc.w_kd, lc.w_kd_end, iteration, lc.w_kd_anneal_iterations or 1),
-                      kd_estimator=lc.kd_estimator, kd_only_incorrect=lc.kd_only_incorrect)
+                      kd_estimator=lc.kd_estimator, kd_only_incorrect=lc.kd_only_incorrect,
+                      divergence=lc.divergence, beta=lc.beta, tail=lc.tail, sampled_weight=lc.sampled_weight)
 
 
 def offline_phase(loop: LoopConfig, optimizer: torch.optim.Optimizer, cfg: RunConfig) -> LoopConfig:
@@ -131,8 +132,14 @@ def load_rows(scored_dir: str, cfg: RunConfig, iteration: int = 0):
         from opd_tasks.offline.filter import kept_rows  # noqa: PLC0415
         return rows_from_table(kept_rows(fs, path, table).drop_columns(["behaviour_logp"]), scored_dir,
                                need_behaviour=False)
-    return rows_from_table(table, scored_dir, need_ref=cfg.needs_reference, need_reward=cfg.loss.kind == "kdrl",
-                           need_behaviour=cfg.loss.tis_cap is not None)
+    topk = None
+    if cfg.loss.kind == "topk":  # which teacher's top-k counts in which row (route / mixture)
+        from opd_tasks.combine import topk_row_weights  # noqa: PLC0415
+        topk = topk_row_weights(cfg.combination, {t.name: t.weight for t in cfg.teachers},
+                                {t.domain: t.name for t in cfg.teachers if t.domain}, table.column("domain").to_pylist())
+    source = f"{scored_dir} (iteration {iteration})" if topk is not None else scored_dir
+    return rows_from_table(table, source, need_ref=cfg.needs_reference, need_reward=cfg.loss.kind == "kdrl",
+                           need_behaviour=cfg.loss.tis_cap is not None, topk_weights=topk)
 
 
 def build_model(hf_url: str, cfg: RunConfig, mesh):

@@ -256,3 +256,53 @@ def test_eos_falls_back_to_the_tokenizer(tmp_path):
     assert gen.eos_ids == [2]  # the tokenizer's </s>
     result = gen.generate([[1, 5]], n=1, sampling=SamplingParams(max_new_tokens=4))
     assert gen.last_stats["sampling"]["top_k"] == -1 and len(result[0][0].response_ids) <= 4
+
+
+# ---- top-k scoring (scoring.top_k) ----------------------------------------------------------------
+
+def reference_topk(model, prompt, response, k):
+    """One unpadded forward per row: float64 log-softmax, the k largest per response position (stable)."""
+    ids = torch.tensor([list(prompt) + list(response)])
+    with torch.no_grad():
+        lsm = torch.log_softmax(model(ids).logits[0].double(), -1)[len(prompt) - 1: len(prompt) - 1 + len(response)]
+    top = torch.sort(lsm, dim=-1, descending=True, stable=True)
+    return top.indices[:, :k].numpy(), top.values[:, :k].numpy()
+
+
+@pytest.mark.parametrize("k,budget,plain", [(8, 40, True), (VOCAB, 4096, True), (3, 4096, False)])
+def test_score_topk_is_each_positions_top_k_of_a_direct_forward(tiny, k, budget, plain):
+    s = HFScorer(tiny, progress=False, token_budget=budget)
+    s._plain_head = plain
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (1, 9, 3, 14, 5)]
+    responses = [rng.integers(0, VOCAB, n).tolist() for n in (12, 1, 7, 2, 0)]
+    out, plain_scores = s.score_topk(prompts, responses, k), s.score(prompts, responses)
+    for p, r, o, lp in zip(prompts, responses, out, plain_scores):
+        assert o.ids.shape == o.topk_logp.shape == (len(r), k) and o.ids.dtype == np.int32
+        np.testing.assert_array_equal(o.logp, lp)  # score() unchanged, bit for bit
+        want_ids, want_lp = reference_topk(s.model, p, r, k)
+        np.testing.assert_array_equal(o.ids, want_ids)
+        np.testing.assert_allclose(o.topk_logp, want_lp, rtol=0, atol=2e-5)
+        assert (np.diff(o.topk_logp, axis=1) <= 0).all()
+        for j, t in enumerate(r):  # the actual token's value is the same float as in the top-k
+            hit = np.flatnonzero(o.ids[j] == t)
+            assert not hit.size or o.topk_logp[j, hit[0]] == o.logp[j]
+
+
+def test_topk_ties_go_to_the_smaller_id_and_bad_k_is_named(scorer):
+    from opd_tasks.logprobs import topk_logp
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 1.0, 2.0]])
+    ids, lp = topk_logp(logits, 4)
+    assert ids.tolist() == [[1, 3, 5, 2]] and lp[0, 0] == lp[0, 2]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):  # many ties, inside the k and at the k-th value: always a stable full sort's answer
+        V = int(torch.randint(2, 40, (1,), generator=g))
+        k = int(torch.randint(1, V + 1, (1,), generator=g))
+        x = torch.randint(-3, 3, (5, V), generator=g).float()
+        ref = torch.sort(x - torch.logsumexp(x, -1, keepdim=True), dim=-1, descending=True, stable=True)
+        ids, lp = topk_logp(x, k)
+        assert torch.equal(ids, ref.indices[:, :k]) and torch.equal(lp, ref.values[:, :k])
+    with pytest.raises(EngineInputError, match="scoring.top_k"):
+        scorer.score_topk([[1]], [[2]], VOCAB + 1)
+    with pytest.raises(EngineInputError, match="scoring.top_k"):
+        scorer.score_topk([[1]], [[2]], 0)

@@ -18,7 +18,8 @@ import pytest
 from opd_tasks.engines import EngineInputError
 from opd_tasks.engines.base import SamplingParams
 from opd_tasks.engines.remote import RemoteEngineError, RemoteGenerator, RemoteScorer, run_sync
-from vllm_support import EOS, VLLMServer, hf_response_logp, max_abs_diff, save_tiny_llama
+from vllm_support import (EOS, VLLMServer, assert_topk_close, hf_response_logp, hf_response_topk, max_abs_diff,
+                          save_tiny_llama)
 
 TOL = 1e-3
 MODELS = {"object": "list", "data": [{"id": "toy"}]}
@@ -129,6 +130,23 @@ def test_bad_input_and_answers_are_named():
         _scorer(no_prompt_logprobs).score([[1]], [[2]])
 
 
+def test_score_topk_sorts_by_logprob_then_id_and_needs_k_entries():
+    async def topk_server(request):  # entries in scrambled order, a tie between ids 9 and 4
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json=MODELS)
+        body = json.loads(request.content)
+        k, p = body["prompt_logprobs"], body["prompt"]
+        entry = {"9": {"logprob": -1.0}, "5": {"logprob": -3.0}, "4": {"logprob": -1.0}, "7": {"logprob": -0.5}}
+        plp = [None] + [{**dict(list(entry.items())[:k + 1]), str(p[i]): {"logprob": -2.0}} for i in range(1, len(p))]
+        return httpx.Response(200, json={"choices": [{"index": 0, "prompt_logprobs": plp}]})
+    out = _scorer(topk_server).score_topk([[1, 2]], [[3, 6]], 3)[0]
+    assert out.ids.tolist() == [[7, 4, 9], [7, 4, 9]] and out.ids.dtype == np.int32
+    np.testing.assert_array_equal(out.topk_logp, np.float32([[-0.5, -1, -1], [-0.5, -1, -1]]))
+    np.testing.assert_array_equal(out.logp, np.float32([-2, -2]))
+    with pytest.raises(RemoteEngineError, match="fewer than scoring.top_k=9.*--max-logprobs 9"):
+        _scorer(topk_server).score_topk([[1, 2]], [[3]], 9)
+
+
 def test_factory_form_takes_the_model_path_as_a_hint():
     from opd_tasks.engines import make_scorer
 
@@ -186,6 +204,15 @@ def test_remote_score_matches_transformers(served):
     print(json.dumps({"remote_score_rows": 32, "concurrent_32_s": round(concurrent, 3),
                       "sequential_s": round(sequential, 3), "max_abs_diff_vs_transformers": diff}))
     assert diff < TOL
+
+
+@pytest.mark.vllm
+def test_remote_score_topk_matches_transformers(served):
+    server, a, _ = served
+    prompts, responses = _rows(6, seed=1)
+    got = RemoteScorer(server.url).score_topk(prompts, responses, 5)
+    assert max_abs_diff([g.logp for g in got], hf_response_logp(a, prompts, responses)) < TOL
+    assert_topk_close(got, hf_response_topk(a, prompts, responses, 5), TOL)
 
 
 @pytest.mark.vllm

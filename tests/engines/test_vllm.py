@@ -19,7 +19,8 @@ from opd_tasks.engines.base import SamplingParams
 from opd_tasks.engines.vllm import (VLLMEngine, VLLMEngineError, VLLMGenerator, VLLMScorer,
                                     VLLMUnavailableError, _token_logp)
 from opd_tasks.errors import ModelPathError
-from vllm_support import EOS, MAX_LEN, hf_response_logp, max_abs_diff, save_tiny_llama
+from vllm_support import (EOS, MAX_LEN, assert_topk_close, hf_response_logp, hf_response_topk, max_abs_diff,
+                          save_tiny_llama)
 
 TOL = 1e-3
 PROMPTS = [[1, 5, 6, 7], [1, 20], [1, 30, 31, 32, 33, 34, 35, 36, 37], [9]]
@@ -118,8 +119,21 @@ def test_score_looks_up_the_actual_token_not_the_first_entry(engine, reference):
                 assert len(entry) == 2 and top1 and top1[0] != f[i]
                 assert entry[top1[0]].logprob > entry[f[i]].logprob + 1e-4
     assert not_top1 >= 5, "the test model must have positions where the actual token is not top-1"
-    assert max_abs_diff(engine.score(PROMPTS, RESPONSES, top_k=1), reference) < TOL
-    assert max_abs_diff(engine.score(PROMPTS, RESPONSES, top_k=5), reference) < TOL
+    for k in (1, 5):
+        assert max_abs_diff([s.logp for s in engine.score_topk(PROMPTS, RESPONSES, k)], reference) < TOL
+
+
+@pytest.mark.vllm
+def test_score_topk_matches_transformers_and_hf(engine, model_dirs, reference):
+    """scoring.top_k on vllm: prompt_logprobs=K entries, sorted by (-log-prob, id), cut to K."""
+    from opd_tasks.engines.hf import HFScorer
+    got = engine.score_topk(PROMPTS, RESPONSES, 8)
+    assert max_abs_diff([s.logp for s in got], reference) < TOL
+    assert_topk_close(got, hf_response_topk(model_dirs[0], PROMPTS, RESPONSES, 8), TOL)
+    assert_topk_close(HFScorer(str(model_dirs[0])).score_topk(PROMPTS, RESPONSES, 8),
+                      [(s.ids, s.topk_logp.astype(np.float64)) for s in got], TOL)
+    with pytest.raises(EngineInputError, match="max allowed|max_logprobs"):
+        engine.score_topk(PROMPTS[:1], RESPONSES[:1], 32)  # above vLLM's max_logprobs (default 20)
 
 
 @pytest.mark.vllm

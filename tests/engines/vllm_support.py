@@ -71,6 +71,34 @@ def hf_response_logp(model_dir: Path, prompts, responses, temperature: float = 1
     return out
 
 
+def hf_response_topk(model_dir: Path, prompts, responses, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Reference top-k per response position: float32 transformers forward per row, float64
+    log-softmax, stable descending sort -> (ids [R, k], log-probs [R, k]) per row."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for p, r in zip(prompts, responses):
+            lsm = model(torch.tensor([list(p) + list(r)])).logits[0].double().log_softmax(-1)
+            top = torch.sort(lsm[len(p) - 1: len(p) - 1 + len(r)], dim=-1, descending=True, stable=True)
+            out.append((top.indices[:, :k].numpy(), top.values[:, :k].numpy()))
+    return out
+
+
+def assert_topk_close(got, ref, tol: float) -> None:
+    """TopKScores rows vs hf_response_topk: values within tol, ids equal wherever the reference's
+    neighbouring values are more than tol apart (closer ones may swap under other kernels)."""
+    for g, (ids, vals) in zip(got, ref):
+        assert g.ids.shape == ids.shape and g.ids.dtype == np.int32 and g.topk_logp.dtype == np.float32
+        assert (np.diff(g.topk_logp, axis=1) <= 0).all()
+        np.testing.assert_allclose(g.topk_logp, vals, rtol=0, atol=tol)
+        gap = np.abs(np.diff(vals, axis=1)) > tol
+        clear = np.concatenate([gap[:, :1], gap[:, 1:] & gap[:, :-1], gap[:, -1:]], axis=1) if ids.shape[1] > 1 \
+            else np.ones_like(ids, bool)
+        np.testing.assert_array_equal(g.ids[clear], ids[clear])
+
+
 def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     assert [len(x) for x in a] == [len(y) for y in b]
     return max((float(np.max(np.abs(np.asarray(x, np.float64) - y))) for x, y in zip(a, b) if len(x)),

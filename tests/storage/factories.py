@@ -39,13 +39,15 @@ def make_scored_table(n_prompts: int = 3, group_size: int = 2, teachers: Sequenc
                       weights: Sequence[float] | None = None, vocab_size: int = 32, iteration: int = 0,
                       with_ref: bool = False, seed: int = 0, max_prompt: int = 5, max_response: int = 6,
                       domains: Sequence[str] = ("math", "code"), tokenizer_path: str | None = None,
-                      config_hash: str = "cfg-test", scored: bool = True):
-    """(table, provenance) of n_prompts * group_size samples; scored=False gives the rollout table."""
+                      config_hash: str = "cfg-test", scored: bool = True, top_k: int = 0):
+    """(table, provenance) of n_prompts * group_size samples; scored=False gives the rollout table;
+    top_k > 0 adds each teacher's top-k columns (from the same teacher distributions)."""
     rng = np.random.default_rng(seed)
     weights = list(weights) if weights is not None else [1.0 / len(teachers)] * len(teachers)
     n = n_prompts * group_size
     prompts = [rng.integers(4, vocab_size, size=rng.integers(1, max_prompt + 1)) for _ in range(n_prompts)]
     resp, b, tk, ref = [], [], {t: [] for t in teachers}, []
+    topk = {t: ([], []) for t in teachers}
     for i in range(n):
         length = int(rng.integers(1, max_response + 1))
         student = _log_softmax(rng.normal(size=(length, vocab_size)))
@@ -53,7 +55,11 @@ def make_scored_table(n_prompts: int = 3, group_size: int = 2, teachers: Sequenc
         resp.append(ids)
         b.append(student[np.arange(length), ids])
         for t in teachers:
-            tk[t].append(_log_softmax(2.0 * rng.normal(size=(length, vocab_size)))[np.arange(length), ids])
+            full = _log_softmax(2.0 * rng.normal(size=(length, vocab_size)))
+            tk[t].append(full[np.arange(length), ids])
+            order = np.argsort(-full, axis=1, kind="stable")[:, :top_k]
+            topk[t][0].append(order.reshape(-1))
+            topk[t][1].append(np.take_along_axis(full, order, 1).reshape(-1))
         ref.append(_log_softmax(rng.normal(size=(length, vocab_size)))[np.arange(length), ids])
     logw = np.log(np.asarray(weights, dtype=np.float64) / np.sum(weights))
     combined = []
@@ -79,8 +85,10 @@ def make_scored_table(n_prompts: int = 3, group_size: int = 2, teachers: Sequenc
                   tokenizer_fingerprint="fp-test", student_checkpoint="/models/student")
     if not scored:
         return table, build_provenance("rollout", **common)
-    table = scored_table(table, {t: tk[t] for t in teachers}, combined, ref if with_ref else None)
-    return table, build_provenance("scored", teachers=tinfo, combination="mixture", **common)
+    table = scored_table(table, {t: tk[t] for t in teachers}, combined, ref if with_ref else None,
+                         topk=topk if top_k else None)
+    return table, build_provenance("scored", teachers=tinfo, combination="mixture", **common,
+                                   **({"top_k": top_k} if top_k else {}))
 
 
 def write_stage(fs, stage_dir: str, table, provenance: dict, rows_per_part: int = 4, commit: bool = True,

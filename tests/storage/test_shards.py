@@ -325,3 +325,56 @@ def test_corrupt_bytes_with_a_matching_manifest_still_fail(done_stage, where):
         assert "part-00000.parquet" in str(err)
     else:  # a flipped bit in page-header padding or metadata can be harmless; then the data is intact
         assert back.to_pylist() == table.to_pylist()
+
+
+# ---- top-k columns (scoring.top_k) ----------------------------------------------------------------
+
+def test_topk_columns_round_trip_and_bad_values_are_named(tmp_path):
+    import fsspec
+    fs = fsspec.filesystem("file")
+    table, prov = F.make_scored_table(teachers=("math", "code"), top_k=4, vocab_size=32)
+    assert prov["top_k"] == 4
+    F.write_stage(fs, str(tmp_path / "s"), table, prov)
+    back = read_stage(fs, str(tmp_path / "s"))
+    assert back.column("teacher_topk_ids.math").type == pa.list_(pa.int32())
+    assert back.column("teacher_topk_logp.code").to_pylist() == table.column("teacher_topk_logp.code").to_pylist()
+
+    def broken(col, fn):
+        rows = table.column(col).to_pylist()
+        rows[1] = fn(list(rows[1]))
+        i = table.column_names.index(col)
+        return table.set_column(i, table.schema.field(i), pa.array(rows, table.schema.field(i).type))
+    cases = [("teacher_topk_logp.math", lambda r: r[::-1], "not sorted largest first"),
+             ("teacher_topk_logp.math", lambda r: [float("nan")] + r[1:], "not finite"),
+             ("teacher_topk_logp.code", lambda r: r[:-1], "expected top_k x response tokens"),
+             ("teacher_topk_ids.math", lambda r: [40] + r[1:], "outside the vocabulary"),
+             ("teacher_topk_ids.math", lambda r: [r[1]] + r[1:], "a token id twice"),
+             ("teacher_topk_logp.math", lambda r: [-1e-4] * len(r), "summing above 1")]
+    for col, fn, msg in cases:
+        with pytest.raises(ShardError, match=f"{msg}.*scoring.top_k|{msg}"):
+            write_part(fs, str(tmp_path / "bad"), 0, broken(col, fn), prov, vocab_size=32)
+    with pytest.raises(ShardError, match="no top_k in the provenance"):
+        write_part(fs, str(tmp_path / "bad"), 0, table, {**prov, "top_k": 0})
+    plain = table.drop_columns([c for c in table.column_names if "topk" in c])
+    with pytest.raises(ShardError, match="provenance top_k=4 but top-k columns"):
+        write_part(fs, str(tmp_path / "bad"), 0, plain, prov)
+    with pytest.raises(ShardError, match="teacher_topk_logp.code"):  # a pair is whole
+        write_part(fs, str(tmp_path / "bad"), 0, table.drop_columns(["teacher_topk_logp.code"]), prov)
+
+
+def test_topk_columns_are_null_exactly_where_the_teacher_did_not_score(tmp_path):
+    import fsspec
+    fs = fsspec.filesystem("file")
+    table, prov = F.make_scored_table(teachers=("math", "code"), top_k=3, vocab_size=32)
+
+    def null_row(t, col, r):
+        rows = t.column(col).to_pylist()
+        rows[r] = None
+        i = t.column_names.index(col)
+        return t.set_column(i, t.schema.field(i), pa.array(rows, t.schema.field(i).type))
+    routed = table
+    for col in ("teacher_logp.code", "teacher_topk_ids.code", "teacher_topk_logp.code"):
+        routed = null_row(routed, col, 0)
+    write_part(fs, str(tmp_path / "ok"), 0, routed, prov, vocab_size=32)  # routed scoring: fine
+    with pytest.raises(ShardError, match="null where teacher_logp.math is"):
+        write_part(fs, str(tmp_path / "bad"), 0, null_row(table, "teacher_topk_ids.math", 0), prov, vocab_size=32)
