@@ -86,7 +86,7 @@ def main() -> int:
     timings["resume"] = time.perf_counter() - t
     checks["opd resume exits 0"] = resumed.returncode == 0
 
-    from opd_tasks.inspect import status_report
+    from opd_tasks.status import status_report
     report = status_report(run_dir)
     lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
     checks["2 iterations recorded"] = [r["iteration"] for r in lines] == [0, 1]
