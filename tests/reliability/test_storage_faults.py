@@ -41,6 +41,18 @@ STAGES = (run_rollout, run_scoring, run_training)
 TIMINGS_AND_PATHS = ("seconds", "tokens_per_s", "tokens_per_s_after_first_step", "old_logp_seconds", "checkpoint")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Every run of this module (the module-scoped clean one too) on one torch thread: the clean and
+    the resumed runs are compared bit for bit, and with 2 intra-op threads the trainer's float32
+    reductions were seen to differ between two runs in one process (1e-8, CPU kernels' split)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch):
     monkeypatch.setattr(sfs, "IO_BACKOFF_S", 0.0)
