@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import posixpath
+import socket
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
@@ -209,6 +210,8 @@ def run(args: TrainArgs) -> dict:
     hf_url, dcp_url = resolve_init(args.init_checkpoint, args.out_checkpoint)
     rows = load_rows(args.scored_dir, cfg, args.iteration)
     d = init_distributed(cfg.train.device)
+    if d.world > 1:  # one line per rank: a multi-node log shows which host holds which rank
+        print(f"opd-train rank {d.rank}/{d.world} on {socket.gethostname()} ({d.device})", flush=True)
     try:
         if d.rank == 0:  # a re-run stage is not done until its new manifest is written
             _rm_manifest(args.train_dir)
