@@ -218,6 +218,33 @@ def _assign(stage: str, wanted: list[tuple[Placed, list[int] | None, int]], gpus
                       f"({', '.join(p.field for p, _, _ in wanted)})")
 
 
+def own_references(cfg) -> dict[str, tuple[str, object]]:
+    """role -> (config field, model) of every distinct teacher's own reference (teachers[].reference,
+    read under route) whose path is not the run reference's: each is one more scoring engine."""
+    if cfg.combination != "route":
+        return {}
+    run_path = (cfg.reference or cfg.student).path
+    out: dict[str, tuple[str, object]] = {}
+    for i, t in enumerate(cfg.teachers):
+        m = t.reference
+        if m is not None and m.path != run_path and all(o.path != m.path for _, o in out.values()):
+            out[f"reference of {t.name}"] = (f"teachers[{i}].reference", m)
+    return out
+
+
+def reference_role(cfg, path: str) -> str:
+    """The plan's role of the reference model at `path`: "reference" (the run's) or "reference of NAME"."""
+    return next((role for role, (_, m) in own_references(cfg).items() if m.path == path), "reference")
+
+
+def run_reference_used(cfg) -> bool:
+    """Whether the run's reference scores any row: yes unless every teacher (under route) names its own
+    other one."""
+    run_path = (cfg.reference or cfg.student).path
+    return cfg.combination != "route" or any(t.reference is None or t.reference.path == run_path
+                                             for t in cfg.teachers)
+
+
 def make_plan(cfg, gpus: int | None = None, gpu_memory_gib: float | None = None, lenient: bool = False) -> Plan:
     """The plan of a resolved RunConfig (model paths readable, or sizes declared / known). lenient:
     a model of unknown size counts as 0 bytes (the devices are still assigned: runtime_plan)."""
@@ -253,9 +280,14 @@ def make_plan(cfg, gpus: int | None = None, gpu_memory_gib: float | None = None,
     if cfg.needs_reference:
         ref = cfg.reference or cfg.student
         fld = "reference" if cfg.reference else "student"
-        scoring.append(_engine(cfg, mem, "scoring", "reference", "placement.reference", fld, ref,
-                               model_arch(ref, fld), s, "remote" if s.engine == "remote" else s.engine,
-                               None, pl.reference, max_tokens, errors))
+        own = own_references(cfg)
+        engine = "remote" if s.engine == "remote" else s.engine
+        if run_reference_used(cfg):
+            scoring.append(_engine(cfg, mem, "scoring", "reference", "placement.reference", fld, ref,
+                                   model_arch(ref, fld), s, engine, None, pl.reference, max_tokens, errors))
+        for role, (mfield, m) in own.items():  # each distinct teacher's own reference: one more engine
+            scoring.append(_engine(cfg, mem, "scoring", role, f"{mfield} (its GPUs: the first free ones)", mfield,
+                                   m, model_arch(m, mfield), s, engine, None, None, max_tokens, errors))
     stages["scoring"] = scoring
     stages["train"] = [_trainer(cfg, mem, student, errors)]
     out: dict[str, list[Placed]] = {}

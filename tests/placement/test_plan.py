@@ -104,3 +104,25 @@ def test_opd_plan_cli_exits_0_when_it_fits_and_1_naming_the_field(tmp_path):
     assert out.returncode == 1
     report = json.loads(out.stdout)
     assert not report["fits"] and "teachers[0]" in report["errors"][0]
+
+
+def test_each_teachers_own_reference_is_one_more_scoring_engine():
+    """teachers[].reference (G-OPD reward correction): each distinct base is planned as its own
+    engine, on GPUs of its own; the run's reference is not loaded when no teacher uses it."""
+    data = _qwen(**{"teachers.0.reference": {"path": "/models/Qwen3-8B-Base-math"},
+                    "teachers.1.reference": {"path": "/models/Qwen3-8B-Base-code"}})
+    data["placement"].pop("reference")
+    plan = make_plan(parse_config(data), gpus=8, gpu_memory_gib=80)
+    assert plan.errors == []
+    scoring = {p.role: (p.model_field, p.gpus) for p in plan.stages["scoring"]}
+    assert scoring == {"teacher math": ("teachers[0]", [0, 1]), "teacher code": ("teachers[1]", [2, 3]),
+                       "reference of math": ("teachers[0].reference", [4, 5]),
+                       "reference of code": ("teachers[1].reference", [6, 7])}
+    # one teacher keeps the run's reference: both the run's and the other's own are planned
+    data["teachers"][1].pop("reference")
+    roles = [p.role for p in make_plan(parse_config(data), gpus=8, gpu_memory_gib=80).stages["scoring"]]
+    assert roles == ["teacher math", "teacher code", "reference", "reference of math"]
+    # two own references at tp 2 and two teachers at tp 2 do not fit on 6 GPUs: named
+    data["teachers"][1]["reference"] = {"path": "/models/Qwen3-8B-Base-code"}
+    plan = make_plan(parse_config(data), gpus=6, gpu_memory_gib=80)
+    assert any("scoring: needs 8 GPUs at once" in e and "reference of code" in e for e in plan.errors), plan.errors
