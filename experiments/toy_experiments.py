@@ -1,6 +1,7 @@
 """Which loss, teacher combination and phase plan distills the toy student best (issues 7 and 10).
 
-Every variant is configs/toy.yaml with a few fields changed, run on the same toy world with the
+Every variant is configs/toy.yaml's world and teachers with the on-policy settings of BASE and a few
+fields changed, run on the same toy world with the
 same seeds and the same sample budget (iterations x prompts x G). Each run is an ordinary opd run
 directory under --out, so a rerun skips what finished and `opd inspect` works on any of them.
 
@@ -33,7 +34,17 @@ REVERSER = {"name": "reverser", "path": "toy://teachers/rev", "domain": "rev", "
 S2W = {"dir": "~/.cache/opd/toy-s2w", "size": "strong-to-weak", "seed": 0}
 OWN_BASE = {"reference": {"path": "toy://teachers/base"}}
 
-# name -> (what it tests, overrides merged into configs/toy.yaml)
+# The experiments' base: configs/toy.yaml with the on-policy settings the tables were measured
+# with (before the demo got its offline phase and top-k loss), so that every row stays reproducible
+# whatever the demo's config becomes.
+BASE = {"loss": {"kind": "rkl"}, "combination": "route", "offline": None,
+        "rollout": {"engine": "hf", "prompts_per_iteration": 256, "group_size": 4, "temperature": 1.0,
+                    "max_new_tokens": 16},
+        "scoring": {"engine": "hf", "token_budget": 32768},
+        "train": {"lr": 5.0e-4, "epochs": 4, "mini_batches": 1, "micro_batch_tokens": 8192, "nproc_per_node": 1},
+        "eval": {"every": 10, "max_new_tokens": 16}}
+
+# name -> (what it tests, overrides merged into BASE)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "opd-route": ("OPD (rkl, lambda 1), each prompt scored by its domain's teacher",
                   {"loss": {"kind": "rkl"}, "combination": "route"}),
@@ -101,7 +112,7 @@ def train_prompts(base: dict) -> int:
 def variant_config(name: str, seed: int, iterations: int, epochs: int | None = None,
                    n_train: int | None = None, world_dir: str | None = None, prompts: int | None = None) -> dict:
     """The variant's run config; n_train: rows of the world's data.train (default: read from world.json)."""
-    base = yaml.safe_load(TOY.read_text())
+    base = {k: v for k, v in dict(yaml.safe_load(TOY.read_text()), **BASE).items() if v is not None}
     if prompts:
         base["rollout"]["prompts_per_iteration"] = prompts
     if world_dir:  # a private toy world (the default ~/.cache one is shared by every run on the machine)
@@ -212,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from flows.run import opd_run
 
-    base = yaml.safe_load(TOY.read_text())
+    base = {k: v for k, v in dict(yaml.safe_load(TOY.read_text()), **BASE).items() if v is not None}
     if args.world_dir:
         base["toy_world"]["dir"] = args.world_dir
     n_train = train_prompts(base)
