@@ -243,6 +243,7 @@ class HFGenerator(_HFEngine):
     """Generator: n sampled responses per prompt with behaviour log-probs, deterministic per seed."""
 
     compact_below = 0.75  # drop finished rows from the running batch once <= this fraction still runs
+    shared_prefill = True  # one prefill per prompt, not per sample (tests/engines/test_hf.py: the same samples)
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu", token_budget: int = 16384,
                  trust_remote_code: bool = False, progress: bool | None = None, model=None):
@@ -269,7 +270,8 @@ class HFGenerator(_HFEngine):
         self.last_stats = {"batches": 0, "sampling": sampling.to_dict()}
         with torch.inference_mode(), self._bar("generate", len(rows) * sampling.max_new_tokens) as advance:
             for batch in pack(range(len(lengths)), lengths, self.token_budget):
-                samples = self._sample_batch([prompts[rows[b][0]] for b in batch], sampling, gen)
+                samples = self._sample_batch([prompts[rows[b][0]] for b in batch], sampling, gen,
+                                             [rows[b][0] for b in batch])
                 for b, s in zip(batch, samples):
                     i, g = rows[b]
                     out[i][g] = s
@@ -277,7 +279,11 @@ class HFGenerator(_HFEngine):
                 advance(sum(len(s.response_ids) for s in samples))
         return out  # type: ignore[return-value]
 
-    def _sample_batch(self, prompts: list[np.ndarray], sp: SamplingParams, gen: torch.Generator) -> list[Sample]:
+    def _sample_batch(self, prompts: list[np.ndarray], sp: SamplingParams, gen: torch.Generator,
+                      keys: Sequence[int] | None = None) -> list[Sample]:
+        """Sample one response per row. keys[b]: row b's prompt index; rows of one prompt (its G
+        samples) share one prefill when shared_prefill: the prompt is run once and its KV cache and
+        last logits are copied to its rows before the first sampling step."""
         dev, B, T = self.device, len(prompts), sp.max_new_tokens
         width = max(p.size for p in prompts)
         ids = torch.full((B, width), self.pad_id, dtype=torch.long)
@@ -287,7 +293,19 @@ class HFGenerator(_HFEngine):
             mask[b, width - p.size:] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        slot: dict[int, int] = {}  # prompt key -> its row in the prefill batch
+        first: list[int] = []      # the batch row that is prefilled for each prompt
+        for b, k in enumerate(keys if self.shared_prefill and keys is not None else range(B)):
+            if slot.setdefault(k, len(slot)) == len(first):
+                first.append(b)
+        if len(first) < B:
+            out = self.model(input_ids=ids[first], attention_mask=mask[first], position_ids=pos[first],
+                             use_cache=True, logits_to_keep=1)
+            expand = torch.tensor([slot[k] for k in keys], device=dev)
+            out.past_key_values.batch_select_indices(expand)
+            out.logits = out.logits[expand]
+        else:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=dev)
         tokens = torch.zeros((B, T), dtype=torch.long, device=dev)
         logp = torch.zeros((B, T), dtype=torch.float32, device=dev)

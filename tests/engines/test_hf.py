@@ -168,6 +168,34 @@ def test_behaviour_logp_equals_teacher_forced_recomputation(generator, compact_b
     assert reasons == {"stop", "length"}  # both ends were exercised
 
 
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 1.0), (1.0, 0.9), (0.0, 1.0)])
+def test_shared_prefill_gives_the_same_samples_bitwise(generator, temperature, top_p, monkeypatch):
+    """One prefill per prompt (its KV cache and last logits copied to its G rows) samples exactly
+    what G prefills sample: same tokens, bitwise-equal log-probs (the copied rows hold the same
+    numbers; a row's values do not depend on the other rows of the prefill batch here), also when
+    a batch boundary splits a prompt's samples (token_budget 120 packs 6-8 rows)."""
+    sp = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=12, seed=11)
+    prefills = []
+    real = generator.model.forward
+
+    def counting(*a, **kw):
+        if kw.get("past_key_values") is None:
+            prefills.append(kw["input_ids"].shape[0])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(generator.model, "forward", counting)
+    monkeypatch.setattr(generator, "shared_prefill", False)
+    unshared = generator.generate(PROMPTS, n=3, sampling=sp)
+    rows_unshared, prefills[:] = sum(prefills), []
+    monkeypatch.setattr(generator, "shared_prefill", True)
+    shared = generator.generate(PROMPTS, n=3, sampling=sp)
+    assert rows_unshared == 3 * len(PROMPTS) and len(PROMPTS) <= sum(prefills) < rows_unshared
+    for sa, sb in zip(shared, unshared):
+        for x, y in zip(sa, sb):
+            assert x.response_ids == y.response_ids and x.finish_reason == y.finish_reason
+            assert np.array_equal(x.behaviour_logp, y.behaviour_logp)
+
+
 def test_top_k_samples_stay_in_the_top_k_and_are_renormalized(generator):
     sp = SamplingParams(temperature=1.0, top_k=3, max_new_tokens=6, seed=2)
     for p, samples in zip(PROMPTS, generator.generate(PROMPTS, n=2, sampling=sp)):
