@@ -40,6 +40,15 @@ def first_incomplete(ctx: RunContext, total: int) -> int:
     return total
 
 
+def iteration_settings():
+    """Settings for the per-iteration subflow: no heartbeat thread of its own. The opd-run flow
+    around it keeps heartbeating for the process (crash detection); Prefect 3.8's per-flow-run
+    heartbeat thread sleeps in 1 s steps and is joined when the flow run ends, which cost each
+    iteration ~0.9 s of waiting (benchmarks/README.md, "Iteration")."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    return temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+
+
 def _artifact_key(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower())
 
@@ -102,7 +111,8 @@ def _run_locked(cfg: RunConfig, run_dir: str, iterations: int | None, lease, pla
     try:
         for n in range(start, total):
             lease.check()  # still ours (a holder cut off for longer than the lease's ttl must not go on)
-            stages = opd_iteration(ctx.run_dir, n)
+            with iteration_settings():
+                stages = opd_iteration(ctx.run_dir, n)
             row = iteration_summary(ctx, n, stages)
             record_iteration(ctx, row)
             view = write_iteration_view(ctx.layout, n)
