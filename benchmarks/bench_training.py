@@ -71,8 +71,9 @@ def build(work: Path, args) -> dict:
         paths[name] = str(save_llama(work / name, cfg, seed))
         tok.save_pretrained(paths[name])
     rng = np.random.default_rng(args.seed)
-    p_len = long_tailed(rng, args.samples, args.prompt_median, 0.5, 4, 4 * int(args.prompt_median))
-    prompts = [rng.integers(3, args.vocab, n).tolist() for n in p_len]
+    G = args.group_size  # rows = samples / G prompts, each G times in a row (its G samples)
+    p_len = long_tailed(rng, args.samples // G, args.prompt_median, 0.5, 4, 4 * int(args.prompt_median))
+    prompts = [p for n in p_len for p in [rng.integers(3, args.vocab, n).tolist()] * G]
     # responses as long as on-policy generation makes them (max_new_tokens; a random student
     # almost never samples EOS), so both TRL variants and opd train on the same lengths
     responses = [rng.integers(3, args.vocab, args.response_len).tolist() for _ in prompts]
@@ -221,29 +222,51 @@ def _hf_model(path: str):
 
 
 class OpdPrep:
-    """opd's own rollout (HFGenerator: the same prompts, response_len new tokens each) and teacher
-    scoring (HFScorer) of the rows, timed; the engines are loaded once, as in a run."""
+    """opd's own rollout (HFGenerator: each of the samples / G prompts G times, response_len new
+    tokens each) and teacher scoring (HFScorer) of the rows, timed; the engines are loaded once, as
+    in a run. Levers, timed side by side in every repeat: the rollout without the shared prefill
+    (HFGenerator.shared_prefill = False: one prefill per sample), and the teacher scored in
+    bfloat16 (a teacher's `dtype: bfloat16` in a config) besides float32."""
 
-    def __init__(self, data: dict):
+    def __init__(self, data: dict, group_size: int, bf16: bool):
         from opd_tasks.engines.hf import HFGenerator, HFScorer
 
-        self.data = data
+        self.data, self.G = data, group_size
         self.teacher = HFScorer(data["teacher"], progress=False)
+        self.teacher_bf16 = HFScorer(data["teacher"], dtype="bfloat16", progress=False) if bf16 else None
         self.student = HFScorer(data["student"], progress=False)
         self.gen = HFGenerator(data["student"], progress=False)
+        self.checks: dict = {}
 
     def run(self, response_len: int) -> tuple[dict, list, list]:
-        """({"rollout": s, "score": s}, teacher log-probs, the student's as behaviour_logp)."""
+        """({"rollout": s, "rollout_unshared": s, "score": s, "score_bf16": s}, teacher log-probs,
+        the student's as behaviour_logp)."""
         from opd_tasks.engines.base import SamplingParams
 
-        d = self.data
-        t0 = time.perf_counter()
-        self.gen.generate(d["prompts"], 1, SamplingParams(max_new_tokens=response_len, seed=0))
-        t_gen = time.perf_counter() - t0
+        d, G = self.data, self.G
+        sp = SamplingParams(max_new_tokens=response_len, seed=0)
+        times, out = {}, {}
+        for shared, key in ((True, "rollout"), (False, "rollout_unshared")):
+            self.gen.shared_prefill = shared
+            t0 = time.perf_counter()
+            out[key] = self.gen.generate(d["prompts"][::G], G, sp)
+            times[key] = time.perf_counter() - t0
+        self.gen.shared_prefill = True
+        pairs = [(a, b) for x, y in zip(out["rollout"], out["rollout_unshared"]) for a, b in zip(x, y)]
+        self.checks["shared_prefill_same_tokens"] = all(a.response_ids == b.response_ids for a, b in pairs)
+        self.checks["shared_prefill_max_abs_logp_diff"] = max(
+            float(np.abs(a.behaviour_logp - b.behaviour_logp).max()) for a, b in pairs)
         t0 = time.perf_counter()
         teacher_logp = self.teacher.score(d["prompts"], d["responses"])
-        t_score = time.perf_counter() - t0
-        return {"rollout": t_gen, "score": t_score}, teacher_logp, self.student.score(d["prompts"], d["responses"])
+        times["score"] = time.perf_counter() - t0
+        if self.teacher_bf16 is not None:
+            t0 = time.perf_counter()
+            lp16 = self.teacher_bf16.score(d["prompts"], d["responses"])
+            times["score_bf16"] = time.perf_counter() - t0
+            diff = np.concatenate([a - b for a, b in zip(lp16, teacher_logp)])
+            self.checks["bf16_teacher_logp_abs_diff"] = {"max": round(float(np.abs(diff).max()), 4),
+                                                         "mean": round(float(np.abs(diff).mean()), 4)}
+        return times, teacher_logp, self.student.score(d["prompts"], d["responses"])
 
 
 def main() -> None:
@@ -258,6 +281,10 @@ def main() -> None:
     ap.add_argument("--teacher-same", action="store_true", help="teacher = the student's architecture")
     ap.add_argument("--samples", type=int, default=32, help="rows per run (an epoch)")
     ap.add_argument("--batch", type=int, default=8, help="rows per optimizer step (both trainers)")
+    ap.add_argument("--group-size", type=int, default=1,
+                    help="samples per prompt (opd's rollout.group_size): the rows are samples/G prompts, each "
+                         "G times; TRL trains on the same rows (it generates one sample per row)")
+    ap.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 teacher-scoring lever")
     ap.add_argument("--prompt-median", type=float, default=24)
     ap.add_argument("--response-len", type=int, default=64, help="response tokens (= TRL max_new_tokens)")
     ap.add_argument("--micro-batch-tokens", type=int, default=8192, help="opd train.micro_batch_tokens")
@@ -275,19 +302,19 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
     torch.set_num_threads(args.threads)
-    if args.samples % args.batch:
-        ap.error("--samples must be a multiple of --batch")
+    if args.samples % args.batch or args.samples % args.group_size:
+        ap.error("--samples must be a multiple of --batch and of --group-size")
     variants = args.variants.split(",")
 
     # TRL's trainer and opd's in-process worker print progress to stdout: keep stdout for the JSON
     with tempfile.TemporaryDirectory(prefix="opd-bench-training-") as d, contextlib.redirect_stdout(sys.stderr):
         work = Path(d)
         data = build(work, args)
-        times: dict[str, list] = {v: [] for v in variants + ["opd_rollout", "opd_score"]}
+        times: dict[str, list] = {v: [] for v in variants}
         tokens: dict[str, list] = {v: [] for v in variants}
         steps: dict[str, int] = {}
         extra: dict[str, dict] = {}
-        prep, paths = OpdPrep(data), None
+        prep, paths = OpdPrep(data, args.group_size, not args.no_bf16), None
         if args.ablation:
             _, teacher_logp, behaviour = prep.run(args.response_len)
             secs = trainer_ablation(write_scored_run(work, data, args, teacher_logp, behaviour), args.repeat)
@@ -301,8 +328,8 @@ def main() -> None:
             return
         for k in range(args.repeat):
             pre, teacher_logp, behaviour = prep.run(args.response_len)
-            times["opd_rollout"].append(pre["rollout"])
-            times["opd_score"].append(pre["score"])
+            for key, sec in pre.items():
+                times.setdefault("opd_" + key, []).append(sec)
             if paths is None:
                 paths = {own: write_scored_run(work, data, args, teacher_logp, behaviour, own_rollout=own)
                          for own in (True, False)}
@@ -323,10 +350,16 @@ def main() -> None:
     # per repeat: tokens/s of each variant; opd's pipelines add its rollout/scoring of that repeat
     rate = {v: [n / t for n, t in zip(tokens[v], times[v])] for v in variants}
     opd = "opd_w1" if "opd_w1" in variants else None
-    if opd:
-        rate["opd_offpolicy_pipeline"] = [n / (t + s) for n, t, s in zip(tokens[opd], times[opd], times["opd_score"])]
-        rate["opd_onpolicy_pipeline"] = [n / (t + s + g) for n, t, s, g in
-                                         zip(tokens[opd], times[opd], times["opd_score"], times["opd_rollout"])]
+    if opd:  # lever variants: _unshared = one prefill per sample, _bf16 = the teacher scored in bfloat16
+        for suffix, score, roll in (("", "opd_score", "opd_rollout"), ("_unshared", "opd_score", "opd_rollout_unshared"),
+                                    ("_bf16", "opd_score_bf16", "opd_rollout")):
+            if score not in times:
+                continue
+            rate["opd_onpolicy_pipeline" + suffix] = [n / (t + s + g) for n, t, s, g in
+                                                      zip(tokens[opd], times[opd], times[score], times[roll])]
+            if suffix != "_unshared":
+                rate["opd_offpolicy_pipeline" + suffix] = [n / (t + s) for n, t, s in
+                                                           zip(tokens[opd], times[opd], times[score])]
 
     def ratio(a, b):
         """Median over repeats of the ratio of tokens/s measured in the same repeat (side by side)."""
@@ -342,6 +375,14 @@ def main() -> None:
         "speedup_vs_trl_gkd_offpolicy": ratio(opd, "trl_off"),
         "speedup_vs_trl_gkd_onpolicy_pipeline": ratio("opd_onpolicy_pipeline", "trl_on"),
         "speedup_vs_trl_gkd_offpolicy_pipeline": ratio("opd_offpolicy_pipeline", "trl_off"),
+        "speedup_vs_trl_gkd_onpolicy_pipeline_unshared": ratio("opd_onpolicy_pipeline_unshared", "trl_on"),
+        "speedup_vs_trl_gkd_onpolicy_pipeline_bf16": ratio("opd_onpolicy_pipeline_bf16", "trl_on"),
+        "speedup_vs_trl_gkd_offpolicy_pipeline_bf16": ratio("opd_offpolicy_pipeline_bf16", "trl_off"),
+        "shared_prefill_rollout_speedup": round(statistics.median(
+            u / s for u, s in zip(times["opd_rollout_unshared"], times["opd_rollout"])), 2),
+        "bf16_score_speedup": round(statistics.median(
+            a / b for a, b in zip(times["opd_score"], times["opd_score_bf16"])), 2) if "opd_score_bf16" in times else None,
+        "lever_checks": prep.checks, "group_size": args.group_size,
         "speedup_vs_trl_gkd_offpolicy_recompute": ratio("opd_w1_recompute", "trl_off"),
         "opd_w2_vs_w1": ratio("opd_w2", "opd_w1"),
         "opd_w1_vs_recompute": ratio("opd_w1", "opd_w1_recompute"),
