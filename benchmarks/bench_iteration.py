@@ -141,6 +141,11 @@ def child(args) -> None:
     """The timed process: `opd run` of the config for --iterations, instrumented; JSON to stdout."""
     t_start = time.time()
     quiet_env()
+    try:  # as `opd run` does (flows/cli.py): Prefect's temporary server starts during the imports
+        from flows.prefect_api import start_temporary_api
+    except ImportError:  # an opd from before flows/prefect_api.py (a side-by-side baseline)
+        start_temporary_api = None
+    ready = start_temporary_api() if start_temporary_api else (lambda: None)
     import torch
     torch.set_num_threads(args.threads)
     from flows.run import opd_run
@@ -148,6 +153,7 @@ def child(args) -> None:
     clock = Clock()
     instrument(clock)
     t0 = time.time()
+    ready()
     opd_run(args.config, run_dir=args.run_dir, iterations=args.iterations)
     t_end = time.time()
     emit({"t_main": T_MAIN, "t_start": t_start, "t_imports": t_imports, "t_flow_call": t0, "t_end": t_end,

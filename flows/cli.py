@@ -103,6 +103,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, OpdError, OSError)
 
 
+def _start_prefect_api():
+    """Prefect's temporary server starts now, while the command imports (flows/prefect_api.py)."""
+    from flows.prefect_api import start_temporary_api
+    return start_temporary_api()
+
+
 def _flow_command(command: str, call) -> None:
     """Run a command that starts Prefect flows: user errors in one line (exit 2), others with traceback."""
     _capture_logs(command)
@@ -140,8 +146,9 @@ def demo(
     iterations: Optional[int] = typer.Option(None, help="override the demo's iteration count"),
 ) -> None:
     """Distill a weak student from two domain teachers on the toy world; print a table, save plots."""
+    ready = _start_prefect_api()
     from flows.demo import run_demo
-    _flow_command("demo", lambda: run_demo(run_dir=run_dir, iterations=iterations))
+    _flow_command("demo", lambda: (ready(), run_demo(run_dir=run_dir, iterations=iterations)))
 
 
 @app.command()
@@ -152,11 +159,12 @@ def run(
     no_plan: bool = typer.Option(False, "--no-plan", help="skip the placement/memory check (`opd plan`)"),
 ) -> None:
     """Run the configured iterations; an existing run directory is resumed where it stands."""
+    ready = _start_prefect_api()
     from flows.run import run_from_config
     from opd_tasks.engines.lifecycle import install_sigterm_handler
     install_sigterm_handler()  # SIGTERM ends the engines this run starts, then exits 143
     _flow_command("run", lambda: run_from_config(config, run_dir=run_dir, iterations=iterations,
-                                                 plan_check=not no_plan))
+                                                 plan_check=not no_plan, before_flow=ready))
 
 
 @app.command()
@@ -166,10 +174,11 @@ def resume(
     no_plan: bool = typer.Option(False, "--no-plan", help="skip the placement/memory check (`opd plan`)"),
 ) -> None:
     """Continue a stopped or failed run at the first stage that did not finish."""
+    ready = _start_prefect_api()
     from flows.run import resume_run
     from opd_tasks.engines.lifecycle import install_sigterm_handler
     install_sigterm_handler()
-    _flow_command("resume", lambda: resume_run(run_dir, iterations=iterations, plan_check=not no_plan))
+    _flow_command("resume", lambda: (ready(), resume_run(run_dir, iterations=iterations, plan_check=not no_plan)))
 
 
 @app.command()

@@ -125,8 +125,10 @@ def _run_locked(cfg: RunConfig, run_dir: str, iterations: int | None, lease, pla
 
 
 def run_from_config(config: Path | str, run_dir: str | None = None, iterations: int | None = None,
-                    plan_check: bool = True) -> dict:
+                    plan_check: bool = True, before_flow=None) -> dict:
     load_config(config)  # a bad config fails here, before Prefect starts
+    if before_flow is not None:  # the CLI's: wait for the Prefect server it started (flows/prefect_api.py)
+        before_flow()
     return opd_run(str(config), run_dir=run_dir, iterations=iterations, plan_check=plan_check)
 
 

@@ -1,0 +1,78 @@
+"""Prefect's temporary API server, started before the rest of an `opd run` process is imported.
+
+    ready = start_temporary_api()   # first thing in `opd run` / `opd resume` / `opd demo`
+    from flows.run import run_from_config   # torch, transformers, ...: the server starts meanwhile
+    ready()                         # before the first flow call: the server answers /health
+    run_from_config(...)
+
+With no PREFECT_API_URL (and ephemeral mode on, Prefect's default), the first flow call starts
+a temporary server itself: it imports Prefect's server app into this process (~5 s of CPU here),
+then starts the same app in a subprocess and waits for it (13-20 s on this machine), all
+before the run's first line. Here the subprocess starts at once, with Prefect's own command and
+environment (prefect.server.api.server.SubprocessASGIServer), and this process goes on importing
+and loading while it comes up; PREFECT_API_URL points the process at it, and it is stopped when the
+process exits (as Prefect stops its own). With PREFECT_API_URL set (a running server, as in
+production) or ephemeral mode off, nothing is started.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Callable
+
+
+def start_temporary_api() -> Callable[[], None]:
+    """Start the server subprocess now when this process would start one; returns the function
+    that waits until it answers (a no-op when nothing was started)."""
+    import prefect
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return lambda: None
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+           **settings.to_environment_variables(exclude_unset=True)}
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+                             "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                             "--port", str(port), "--log-level", "error", "--lifespan", "on"], env=env)
+    atexit.register(_stop, proc)
+    url = f"http://127.0.0.1:{port}/api"
+    os.environ["PREFECT_API_URL"] = url  # this process (and its subprocesses) use it from now on
+    refresh_global_settings_context()
+    timeout = settings.server.ephemeral.startup_timeout_seconds
+
+    def ready() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"Prefect's temporary server exited with code {proc.returncode} before it "
+                                   f"answered on {url}; run `prefect server start` and set PREFECT_API_URL")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"Prefect's temporary server did not answer on {url} within {timeout} s; raise "
+                           f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL")
+    return ready
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,63 @@
+"""flows/prefect_api.py: `opd run` starts Prefect's temporary server before its imports, uses it
+for its flows without importing Prefect's server app, and stops it at exit; with PREFECT_API_URL
+set nothing is started."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_nothing_is_started_when_an_api_url_is_set(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import flows.prefect_api as api
+
+    def no_popen(*a, **kw):
+        raise AssertionError("a server was started although PREFECT_API_URL is set")
+
+    monkeypatch.setattr(api.subprocess, "Popen", no_popen)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        ready = api.start_temporary_api()
+    ready()  # a no-op
+    assert "PREFECT_API_URL" not in os.environ
+
+
+@pytest.mark.slow  # a real temporary server: 10-30 s on this machine
+def test_the_early_server_runs_the_flows_and_stops_at_exit(tmp_path):
+    script = textwrap.dedent("""
+        import json, os, sys
+        from flows.prefect_api import start_temporary_api
+        ready = start_temporary_api()
+        url = os.environ["PREFECT_API_URL"]
+        from prefect import flow
+        from prefect.runtime import flow_run
+        from prefect.settings import PREFECT_API_URL
+
+        @flow
+        def probe():
+            return flow_run.id, PREFECT_API_URL.value()
+
+        ready()
+        run_id, seen = probe()
+        print(json.dumps({"url": url, "seen": seen, "run_id": run_id,
+                          "server_in_process": "prefect.server.api.server" in sys.modules}))
+    """)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PYTHONPATH": str(ROOT)}
+    env.pop("PREFECT_API_URL", None)
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["seen"] == out["url"] and out["run_id"]  # the flow ran against the server started early
+    assert not out["server_in_process"]  # Prefect's server app was not imported into the run's process
+    port = int(out["url"].rsplit(":", 1)[1].split("/")[0])
+    with socket.socket() as sock:  # stopped at exit: nothing listens on its port any more
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
