@@ -428,13 +428,23 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> RunConfig:
         raise ConfigError(_format_errors(source, err)) from None
 
 
+# libyaml's scanner and parser with PyYAML's safe constructor: the same objects as yaml.safe_load,
+# ~10x faster (the pure-Python parser was 80% of RunContext.load, which every stage task calls)
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def read_yaml(text: str | bytes):
+    """yaml.safe_load(text), with libyaml when PyYAML has it."""
+    return yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 (a safe loader)
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a YAML config; raises ConfigError naming the file and each bad field."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):

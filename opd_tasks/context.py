@@ -7,9 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-import yaml
 
-from opd_tasks.config import ConfigError, RunConfig, parse_config
+from opd_tasks.config import ConfigError, RunConfig, parse_config, read_yaml
 from opd_tasks.errors import OpdError
 from storage.checkpoints import rollout_student
 from storage.fs import exists, read_bytes
@@ -75,7 +74,7 @@ class RunContext:
 def stored_config(layout: RunLayout) -> RunConfig:
     """The run's run.yaml. One that does not validate was most likely written by a newer opd."""
     try:
-        return parse_config(yaml.safe_load(read_bytes(layout.fs, layout.run_yaml)), layout.url_of(layout.run_yaml))
+        return parse_config(read_yaml(read_bytes(layout.fs, layout.run_yaml)), layout.url_of(layout.run_yaml))
     except ConfigError as err:
         raise OpdError(f"{err}\nThis run's stored config does not validate with this opd: if the run was written "
                        f"by a newer opd, upgrade opd; otherwise restore run.yaml (`opd run` writes it once)") from None

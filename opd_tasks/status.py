@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from opd_tasks.config import read_yaml
 from opd_tasks.errors import LayoutError, OpdError
 from storage.checkpoints import checkpoint_status, latest_checkpoint, offline_checkpoint_status
 from storage.fs import exists, read_bytes
@@ -26,7 +27,7 @@ def status_report(run_dir: str, storage_options: dict | None = None) -> dict:
     cfg = {}
     if exists(fs, layout.run_yaml):
         try:
-            cfg = yaml.safe_load(read_bytes(fs, layout.run_yaml)) or {}
+            cfg = read_yaml(read_bytes(fs, layout.run_yaml)) or {}
         except yaml.YAMLError as err:
             raise OpdError(f"{layout.url_of(layout.run_yaml)}: not valid YAML ({err})") from None
     iterations = []

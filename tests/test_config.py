@@ -121,3 +121,18 @@ def test_topk_loss_needs_scoring_top_k_and_refuses_product():
     assert ok.loss.beta == 0.5 and ok.loss.tail and ok.scoring.top_k == 8
     assert parse_config(base).config_hash() == parse_config({**base, "scoring": {"top_k": 0},
                                                              "loss": {"sampled_weight": 0.0}}).config_hash()
+
+
+def test_read_yaml_gives_what_safe_load_gives():
+    """read_yaml (libyaml when PyYAML has it) parses every shipped config, and a run.yaml written by
+    RunConfig.to_yaml, into exactly the objects yaml.safe_load makes (types included)."""
+    import yaml
+
+    from opd_tasks.config import read_yaml
+
+    texts = [p.read_text() for p in sorted((ROOT / "configs").glob("*.yaml"))]
+    texts.append(load_config(ROOT / "configs" / "toy.yaml").to_yaml())
+    texts.append("a: 1.0e-5\nb: [1, 2.5, null, true, '007', 0o17, .inf]\nc: {d: ~, e: 2026-01-02}\n")
+    for text in texts:
+        a, b = read_yaml(text), yaml.safe_load(text)
+        assert a == b and repr(a) == repr(b)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from opd_tasks.config import ConfigError, RunConfig, parse_config
+from opd_tasks.config import ConfigError, RunConfig, parse_config, read_yaml
 from opd_tasks.logprobs import DTYPES
 from opd_tasks.losses import LossParams, annealed_w_kd
 from opd_tasks.models import load_for_training, local_model_dir
@@ -56,7 +56,7 @@ def read_config(url: str) -> RunConfig:
     if not exists(fs, path):
         raise ConfigError(f"{url}: config file not found")
     try:
-        data = yaml.safe_load(read_bytes(fs, path))
+        data = read_yaml(read_bytes(fs, path))
     except yaml.YAMLError as err:
         raise ConfigError(f"{url}: not valid YAML: {err}") from None
     return parse_config(data if isinstance(data, dict) else {}, url)
