@@ -238,15 +238,15 @@ class OpdPrep:
         self.gen = HFGenerator(data["student"], progress=False)
         self.checks: dict = {}
 
-    def run(self, response_len: int) -> tuple[dict, list, list]:
+    def run(self, response_len: int, k: int = 0) -> tuple[dict, list, list]:
         """({"rollout": s, "rollout_unshared": s, "score": s, "score_bf16": s}, teacher log-probs,
-        the student's as behaviour_logp)."""
+        the student's as behaviour_logp). The two rollouts swap order every repeat k."""
         from opd_tasks.engines.base import SamplingParams
 
         d, G = self.data, self.G
         sp = SamplingParams(max_new_tokens=response_len, seed=0)
         times, out = {}, {}
-        for shared, key in ((True, "rollout"), (False, "rollout_unshared")):
+        for shared, key in ((True, "rollout"), (False, "rollout_unshared"))[::1 if k % 2 == 0 else -1]:
             self.gen.shared_prefill = shared
             t0 = time.perf_counter()
             out[key] = self.gen.generate(d["prompts"][::G], G, sp)
@@ -327,7 +327,7 @@ def main() -> None:
                       "machine": machine(), "versions": versions("torch", "transformers")})
             return
         for k in range(args.repeat):
-            pre, teacher_logp, behaviour = prep.run(args.response_len)
+            pre, teacher_logp, behaviour = prep.run(args.response_len, k)
             for key, sec in pre.items():
                 times.setdefault("opd_" + key, []).append(sec)
             if paths is None:
