@@ -25,10 +25,13 @@ import time
 import urllib.request
 from typing import Callable
 
+from opd_tasks.errors import OpdError
+
 
 def start_temporary_api() -> Callable[[], None]:
     """Start the server subprocess now when this process would start one; returns the function
-    that waits until it answers (a no-op when nothing was started)."""
+    that waits until it answers (a no-op when nothing was started; OpdError, a one-line error of
+    the CLI naming the fix, when the server exits or does not answer in time)."""
     import prefect
     from prefect.context import refresh_global_settings_context
     from prefect.settings import get_current_settings
@@ -54,7 +57,7 @@ def start_temporary_api() -> Callable[[], None]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"Prefect's temporary server exited with code {proc.returncode} before it "
+                raise OpdError(f"Prefect's temporary server exited with code {proc.returncode} before it "
                                    f"answered on {url}; run `prefect server start` and set PREFECT_API_URL")
             try:
                 with urllib.request.urlopen(url + "/health", timeout=2) as r:
@@ -63,7 +66,7 @@ def start_temporary_api() -> Callable[[], None]:
             except OSError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"Prefect's temporary server did not answer on {url} within {timeout} s; raise "
+        raise OpdError(f"Prefect's temporary server did not answer on {url} within {timeout} s; raise "
                            f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL")
     return ready
 
