@@ -30,6 +30,33 @@ def test_nothing_is_started_when_an_api_url_is_set(monkeypatch):
     assert "PREFECT_API_URL" not in os.environ
 
 
+def test_a_server_that_exits_is_a_one_line_error_naming_the_fix(monkeypatch):
+    from prefect.context import refresh_global_settings_context
+
+    import flows.prefect_api as api
+    from opd_tasks.errors import OpdError
+
+    class Exited:  # a server process that died at once (a broken Prefect install, a bad database)
+        returncode = 3
+
+        def poll(self):
+            return self.returncode
+
+    before = os.environ.get("PREFECT_API_URL")
+    monkeypatch.setattr(api.subprocess, "Popen", lambda *a, **kw: Exited())
+    monkeypatch.setattr(api.atexit, "register", lambda *a: None)
+    monkeypatch.setenv("PREFECT_API_URL", "")  # restored to `before` after the test
+    monkeypatch.delenv("PREFECT_API_URL")
+    try:
+        ready = api.start_temporary_api()
+        with pytest.raises(OpdError, match="exited with code 3.*set PREFECT_API_URL"):
+            ready()
+    finally:
+        monkeypatch.undo()
+        refresh_global_settings_context()  # Prefect's settings without the dead server's URL
+    assert os.environ.get("PREFECT_API_URL") == before
+
+
 @pytest.mark.slow  # a real temporary server: 10-30 s on this machine
 def test_the_early_server_runs_the_flows_and_stops_at_exit(tmp_path):
     script = textwrap.dedent("""
