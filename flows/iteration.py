@@ -7,8 +7,15 @@ Each task checks its stage manifest first and returns at once when the stage is 
 re-running an iteration (or the whole run) redoes nothing that finished. The manifests, not
 Prefect's database, are the truth: a fresh Prefect database resumes just as well.
 Tasks take (run_dir, iteration) and return small StageResult models, never tensors or tables.
+
+Streaming (opd_tasks.scoring.streams: the teachers run apart from the rollout engine, or
+scoring.streaming: on): the rollout task is submitted to the flow's task runner (a thread) and the
+score task runs beside it, scoring each rollout part once it is committed; training starts after
+both. The shards are the same as one stage after the other.
 """
 from __future__ import annotations
+
+import threading
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -36,9 +43,27 @@ def rollout(run_dir: str, iteration: int) -> StageResult:
 
 
 @task(name="score", cache_policy=NO_CACHE, **IO_RETRIES)
-def score(run_dir: str, iteration: int) -> StageResult:
+def score(run_dir: str, iteration: int, rollout_writing=None) -> StageResult:
+    """rollout_writing: streaming, true while the rollout task still runs (opd_tasks.scoring.run_scoring)."""
     from opd_tasks.scoring import run_scoring
-    return run_scoring(RunContext.load(run_dir), iteration)
+    return run_scoring(RunContext.load(run_dir), iteration, rollout_writing=rollout_writing)
+
+
+def rollout_and_score(run_dir: str, iteration: int) -> dict[str, StageResult]:
+    """The rollout then the scoring stage, or both at once when scoring streams (module docstring)."""
+    from opd_tasks.scoring import streams
+    from storage.manifest import read_manifest
+    ctx = RunContext.load(run_dir)
+    if not streams(ctx.cfg) or read_manifest(ctx.layout.fs, ctx.stage_dir(iteration, "rollout")) is not None:
+        return {"rollout": rollout(run_dir, iteration), "scored": score(run_dir, iteration)}
+    ended = threading.Event()
+    future = rollout.submit(run_dir, iteration)
+    future.add_done_callback(lambda _: ended.set())
+    try:
+        scored = score(run_dir, iteration, rollout_writing=lambda: not ended.is_set())
+    finally:  # the rollout's own error first (the scoring then only says it stopped early)
+        result = future.result()
+    return {"rollout": result, "scored": scored}
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -55,8 +80,7 @@ def evaluate(run_dir: str, iteration: int) -> StageResult:
 
 @flow(name="opd-iteration", flow_run_name="iteration-{iteration:04d}", log_prints=True)
 def opd_iteration(run_dir: str, iteration: int) -> dict[str, StageResult]:
-    stages = {"rollout": rollout(run_dir, iteration)}
-    stages["scored"] = score(run_dir, iteration)
+    stages = rollout_and_score(run_dir, iteration)
     stages["train"] = train(run_dir, iteration)
     stages["eval"] = evaluate(run_dir, iteration)
     for s in stages.values():

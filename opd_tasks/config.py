@@ -26,8 +26,9 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 Engine = Literal["hf", "vllm", "remote"]
 
 # Fields a resumed run may change without changing its identity (config hash).
-# placement: where engines run changes no result (data-parallel replicas reproduce one engine's rows).
-MUTABLE_FIELDS = ("iterations", "run_dir", "eval.every", "placement")
+# placement: where engines run changes no result (data-parallel replicas reproduce one engine's rows);
+# scoring.streaming: when a scored part is made changes no byte of it.
+MUTABLE_FIELDS = ("iterations", "run_dir", "eval.every", "placement", "scoring.streaming")
 NODE_LAUNCHER_FIELDS = ("command", "node_rank", "nnodes", "rdzv_endpoint", "cwd")  # train.node_launcher's placeholders
 
 
@@ -39,7 +40,8 @@ ADDED_LATER = {  # dotted field -> default left out of the hash
     "train.rdzv_timeout_s": 600.0, "train.node_launcher": None, "data.chat_template": False,
     "data.verifiers": {}, "student.params": None, "teachers[].params": None, "reference.params": None,
     "teachers[].reference.params": None, "scoring.top_k": 0, "loss.divergence": "fkl", "loss.beta": 0.5,
-    "loss.tail": True, "loss.sampled_weight": 0.0}
+    "loss.tail": True, "loss.sampled_weight": 0.0,
+    "scoring.streaming": "auto"}
 
 
 class ConfigError(OpdError, ValueError):
@@ -140,6 +142,11 @@ class ScoringConfig(_Model):
         "auto", description="routed: each teacher scores only the samples routed to it (its column is null for "
                             "the others; combination: route only); all: every teacher scores every sample "
                             "(analysis, recombination into a mixture); auto: routed under route, else all")
+    streaming: Literal["auto", "on", "off"] = Field(
+        "auto", description="score rollout part p while rollout makes part p+1 (the same shards as one after the "
+                            "other); auto: when every teacher and the reference run apart from the rollout "
+                            "engine (a remote server, or vllm on other GPUs: placement), not for in-process "
+                            "engines on the same device")
 
 
 class TrainConfig(_Model):

@@ -42,6 +42,17 @@ def iteration_prompts(prompts: pa.Table, iteration: int, seed: int, n: int) -> p
     return prompts.take(pa.array(take))
 
 
+def prompts_per_part(cfg) -> int:
+    """Prompts in each rollout part (rollout.rows_per_part // G, at least 1)."""
+    return max(1, cfg.rollout.rows_per_part // cfg.rollout.group_size)
+
+
+def rollout_part_count(cfg) -> int:
+    """The parts of every iteration's rollout stage (iteration_prompts gives exactly
+    prompts_per_iteration prompts): what a streaming scoring stage waits for before the manifest."""
+    return -(-cfg.rollout.prompts_per_iteration // prompts_per_part(cfg))
+
+
 def part_seed(seed: int, iteration: int, part: int) -> int:
     return int(np.random.default_rng([seed, iteration, part, 7]).integers(0, 2**31 - 1))
 
@@ -152,7 +163,7 @@ def run_rollout(ctx: RunContext, iteration: int, generator: Generator | None = N
         ids = tokenize_prompts(cfg, tokenizer, prompts, cfg.data.train, [(student, cfg.rollout)],
                                cfg.rollout.max_new_tokens)
         G = cfg.rollout.group_size
-        per_part = max(1, cfg.rollout.rows_per_part // G)
+        per_part = prompts_per_part(cfg)
         prov = build_provenance("rollout", iteration=iteration, config_hash=ctx.config_hash,
                                 tokenizer_path=student, student_checkpoint=student,
                                 sampling=sampling_params(ctx, 0).to_dict() | {"seed": "per part"},

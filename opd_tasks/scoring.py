@@ -1,13 +1,16 @@
 """Scoring stage: every teacher (and the reference for G-OPD) scores every sampled token.
 
     run_scoring(ctx, iteration)   # rollout/part-k.parquet -> scored/part-k.parquet (+ manifest)
+    streams(cfg)                  # does scoring run beside the rollout (scoring.streaming)?
+    run_scoring(ctx, iteration, rollout_writing=alive)  # streaming: part k once rollout commits it
     scoring_parts(cfg, keys, table_of, ...)  # the one scoring loop's parts (for stages.write_stage): also
                                   # the offline phase's scoring and `opd score` (opd_tasks/offline/)
     score_table(table, scorers, ...)  # the same on any rollout-shaped table (offline `opd score`)
     recombine(table, mode, teachers)  # new combined teacher_logp from stored per-teacher columns
 
 Scored part k is made from rollout part k, so an interrupted stage resumes at the first missing
-part. Teachers are kept across iterations while no other stage needs their GPUs (engines/lifecycle.py).
+part. Streaming (flows/iteration.py runs the rollout task beside this one) only changes when part k
+is read: once the rollout commits it (stages.StreamedInput); the scored stage is the same. Teachers are kept across iterations while no other stage needs their GPUs (engines/lifecycle.py).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from opd_tasks.context import RunContext
 from opd_tasks.engines.base import Scorer
 from opd_tasks.errors import OpdError, ShardError
 from opd_tasks.models import local_model_dir
-from opd_tasks.stages import Parts, StageResult, write_stage
+from opd_tasks.stages import Parts, StageResult, StreamedInput, write_stage
 from opd_tasks.tokenizers import check_same_tokenizer
 from storage.manifest import read_manifest
 from storage.shards import TEACHER_PREFIX, build_provenance, flat_logp, part_index, read_part, scored_table
@@ -243,6 +246,26 @@ def get_scorers(cfg: RunConfig, with_ref: bool, ref_path: str, run_dir: str | No
     return {w[0]: e for w, e in zip(wanted, engines)}
 
 
+def _apart(a, b) -> bool:
+    """Two placed engines that cannot slow each other down: one is a server elsewhere (remote), or both
+    are vllm engine processes on GPUs and share none (hf engines run in this process, on one device)."""
+    if "remote" in (a.engine, b.engine):
+        return True
+    return a.engine == b.engine == "vllm" and bool(a.gpus) and bool(b.gpus) and not set(a.gpus) & set(b.gpus)
+
+
+def streams(cfg: RunConfig) -> bool:
+    """Whether an iteration scores rollout part p while the rollout makes part p+1: scoring.streaming
+    on/off, or under auto when every scoring engine (teachers and the reference) runs apart from the
+    rollout engine (_apart, from the placement plan)."""
+    if cfg.scoring.streaming != "auto":
+        return cfg.scoring.streaming == "on"
+    from opd_tasks.placement import runtime_plan
+    plan = runtime_plan(cfg)
+    rollout, scorers = plan.find("rollout", "rollout"), plan.stages.get("scoring", [])
+    return rollout is not None and bool(scorers) and all(_apart(rollout, p) for p in scorers)
+
+
 def stage_parts(layout, src: str, what: str) -> tuple[list[int], Callable[[int], pa.Table], Callable[[int], dict]]:
     """(part indices, k -> table of part k, k -> where part k is for errors: {where, first_row}) of
     the committed stage at `src`, or OpdError naming it."""
@@ -259,12 +282,13 @@ def scoring_parts(cfg: RunConfig, keys: list[int], table_of: Callable[[int], pa.
                   with_ref: bool, ref_path: str, provenance: dict, inputs: dict, label: str,
                   vocab_size: int | None = None, fault: str | None = None, metrics: dict | None = None,
                   where_of: Callable[[int], dict] | None = None, run_dir: str | None = None,
-                  scorers: Mapping[str, Scorer] | None = None) -> Parts:
+                  scorers: Mapping[str, Scorer] | None = None, ready: Callable[[], None] | None = None) -> Parts:
     """The scoring of a stage, for write_stage: part k = score_table(table_of(k)), every teacher (and
     the references when with_ref). Tokenizers are checked and scorers loaded at the first missing
     part only. provenance: the parts' build_provenance fields besides teachers/tokenizer; where_of(k):
     score_table's where/first_row for part k (a bad row names its input, part and row); scorers:
-    {teacher name (and REF): Scorer} instead of the configured engines (scripts/gpu_smoke.py)."""
+    {teacher name (and REF): Scorer} instead of the configured engines (scripts/gpu_smoke.py); ready:
+    called before the manifest (streaming: StreamedInput.check)."""
     setup: dict = {}
 
     def make(k: int) -> tuple[pa.Table, dict]:
@@ -278,21 +302,31 @@ def scoring_parts(cfg: RunConfig, keys: list[int], table_of: Callable[[int], pa.
                 setup["prov"])
 
     return Parts(keys=keys, make=make, inputs=inputs, vocab_size=vocab_size, fault=fault, label=label,
-                 metrics=metrics or {})
+                 metrics=metrics or {}, ready=ready)
 
 
-def run_scoring(ctx: RunContext, iteration: int, scorers: Mapping[str, Scorer] | None = None) -> StageResult:
+def run_scoring(ctx: RunContext, iteration: int, scorers: Mapping[str, Scorer] | None = None,
+                rollout_writing: Callable[[], bool] | None = None) -> StageResult:
     """Write the scored stage of `iteration` from its rollout stage (finished parts are kept).
-    scorers: {teacher name (and REF): Scorer} instead of the configured engines (scripts/gpu_smoke.py)."""
+    scorers: {teacher name (and REF): Scorer} instead of the configured engines (scripts/gpu_smoke.py).
+    rollout_writing: streaming, while it returns True another thread writes the rollout stage: part k
+    is scored once committed, and the manifest waits for the rollout's (stages.StreamedInput)."""
     src, stage = ctx.stage_dir(iteration, "rollout"), ctx.stage_dir(iteration, "scored")
     cfg, with_ref = ctx.cfg, ctx.cfg.needs_reference
     student = ctx.student_path(iteration)
     reference = ctx.reference_path if with_ref else None
 
     def plan() -> Parts:
-        keys, table_of, where_of = stage_parts(ctx.layout, src, "rollout")
+        ready = None
+        if rollout_writing is not None and read_manifest(ctx.layout.fs, src) is None:
+            from opd_tasks.rollout import rollout_part_count
+            inp = StreamedInput(ctx.layout, src, "rollout", range(rollout_part_count(cfg)),
+                                {"config_hash": ctx.config_hash, "iteration": iteration}, rollout_writing)
+            keys, table_of, where_of, ready = inp.keys, inp.table, inp.where, inp.check
+        else:
+            keys, table_of, where_of = stage_parts(ctx.layout, src, "rollout")
         return scoring_parts(cfg, keys, table_of, student=student, with_ref=with_ref, ref_path=ctx.reference_path,
-                             where_of=where_of, run_dir=ctx.run_dir, scorers=scorers,
+                             where_of=where_of, run_dir=ctx.run_dir, scorers=scorers, ready=ready,
                              provenance=dict(iteration=iteration, config_hash=ctx.config_hash,
                                              student_checkpoint=student, reference=reference,
                                              engine=cfg.scoring.engine,

@@ -3,6 +3,7 @@
     prov = build_provenance("scored", iteration=3, config_hash=h, teachers=[{"name": "math", "path": p,
                             "weight": 1.0}], combination="mixture", tokenizer_path=tok_dir, ...)
     done = finished_parts(fs, stage, expect={"config_hash": h})    # resume: parts already committed
+    info = wait_committed(fs, rollout_stage, 3, {"config_hash": h}, writing=alive)  # streaming: part 3
     for i, rows in enumerate(chunks):
         if i not in done:
             done[i] = write_part(fs, stage, i, scored_table(...), prov)
@@ -20,7 +21,8 @@ import json
 import logging
 import posixpath
 import re
-from typing import Any, Iterator, Sequence
+import time
+from typing import Any, Callable, Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -180,23 +182,48 @@ def finished_parts(fs: fsspec.AbstractFileSystem, stage_dir: str, expect: dict |
     out: dict[int, PartInfo] = {}
     for e in list_dir(fs, stage_dir):
         m = PART_RE.match(e["basename"])
-        if not m:
-            continue
-        path = e["name"]
-        data = read_bytes(fs, path)
-        try:
-            pf, prov = _open(data, path)
-            _read(pf, path, None)
-        except ShardError as err:
-            log.warning("ignoring unreadable part (it will be rewritten): %s", err)
-            continue
-        wrong = {k: prov.get(k) for k, v in (expect or {}).items() if prov.get(k) != v}
-        if wrong:
-            log.warning("ignoring part %s written for %s, expected %s", path, wrong, expect)
-            continue
-        out[int(m.group(1))] = PartInfo(name=e["basename"], rows=pf.metadata.num_rows, bytes=len(data),
-                                        sha256=sha256_hex(data))
+        if m and (info := _committed_part(fs, e["name"], e["basename"], expect)) is not None:
+            out[int(m.group(1))] = info
     return out
+
+
+def _committed_part(fs: fsspec.AbstractFileSystem, path: str, name: str, expect: dict | None,
+                    warn: bool = True) -> PartInfo | None:
+    """PartInfo of the part file at `path` when it reads back whole and its provenance matches `expect`."""
+    data = read_bytes(fs, path)
+    try:
+        pf, prov = _open(data, path)
+        _read(pf, path, None)
+    except ShardError as err:
+        if warn:
+            log.warning("ignoring unreadable part (it will be rewritten): %s", err)
+        return None
+    wrong = {k: prov.get(k) for k, v in (expect or {}).items() if prov.get(k) != v}
+    if wrong:
+        if warn:
+            log.warning("ignoring part %s written for %s, expected %s", path, wrong, expect)
+        return None
+    return PartInfo(name=name, rows=pf.metadata.num_rows, bytes=len(data), sha256=sha256_hex(data))
+
+
+def wait_committed(fs: fsspec.AbstractFileSystem, stage_dir: str, index: int | None, expect: dict | None,
+                   writing: Callable[[], bool], poll: float = 0.05) -> PartInfo | Manifest | None:
+    """Streaming: wait while another thread writes the stage (`writing()` true) for its part `index`
+    to be committed (its PartInfo: the manifest's entry once the stage is done, else the part file once
+    it reads back whole with provenance matching `expect`, as finished_parts), or with index None for
+    its manifest. None when the writer stopped without committing it (or the manifest lacks it)."""
+    name = None if index is None else part_name(index)
+    while True:
+        stopped = not writing()  # before looking: what was committed before the writer stopped is seen
+        m = read_manifest(fs, stage_dir)
+        if m is not None:
+            return m if name is None else next((p for p in m.parts if p.name == name), None)
+        path = None if name is None else posixpath.join(stage_dir, name)
+        if path is not None and exists(fs, path) and (info := _committed_part(fs, path, name, expect, warn=stopped)):
+            return info
+        if stopped:
+            return None
+        time.sleep(poll)
 
 
 def _manifest_or_fail(fs: fsspec.AbstractFileSystem, stage_dir: str) -> Manifest:

@@ -43,14 +43,16 @@ class _Entry:
 
 
 class EngineRegistry:
-    """The process's live engines (one registry per process: ENGINES)."""
+    """The process's live engines (one registry per process: ENGINES). Thread-safe: streaming runs
+    the rollout and scoring stages in two threads; engines are built one call at a time."""
 
     def __init__(self) -> None:
         self._entries: dict[tuple, _Entry] = {}
+        self._lock = threading.RLock()
         self.events: list[tuple[str, str, str]] = []  # (action, stage, key) for tests and logs
 
-    def get(self, stage: str, key: tuple, build: Callable[[], Any], gpus: set[int] | None = None,
-            sleep: bool = False) -> Any:
+    def _get(self, stage: str, key: tuple, build: Callable[[], Any], gpus: set[int] | None = None,
+             sleep: bool = False) -> Any:
         """The engine of `key` for `stage`, built when absent; other stages' engines on `gpus` are
         released first. `sleep`: put it to sleep (if it can) rather than end it when released."""
         gpus = set(gpus or ())
@@ -69,8 +71,8 @@ class EngineRegistry:
         self.events.append(("start", stage, str(key)))
         return engine
 
-    def get_many(self, stage: str, wanted: list[tuple[tuple, Callable[[], Any], set[int]]],
-                 sleep: bool = False) -> list[Any]:
+    def _get_many(self, stage: str, wanted: list[tuple[tuple, Callable[[], Any], set[int]]],
+                  sleep: bool = False) -> list[Any]:
         """get() for several engines of one stage [(key, build, gpus)]: the missing vllm ones are built
         at the same time (a stage's engines start in parallel, each in its own process)."""
         self.enter(stage, set().union(*(set(g or ()) for _, _, g in wanted)) if wanted else set())
@@ -106,19 +108,29 @@ class EngineRegistry:
             self._entries[k] = _Entry(stage, k, engine, missing[k][1], False)
             setattr(engine, "_opd_sleep", sleep)
             self.events.append(("start", stage, str(k)))
-        return [self.get(stage, k, b, g, sleep) for k, b, g in wanted]
+        return [self._get(stage, k, b, g, sleep) for k, b, g in wanted]
+
+    def get(self, *args, **kw) -> Any:
+        with self._lock:
+            return self._get(*args, **kw)
+
+    def get_many(self, *args, **kw) -> list[Any]:
+        with self._lock:
+            return self._get_many(*args, **kw)
 
     def enter(self, stage: str, gpus: set[int] | None) -> None:
         """Before `stage` runs on `gpus`: release every other stage's engine holding any of them."""
         gpus = set(gpus or ())
-        for k, e in list(self._entries.items()):
-            if e.stage != stage and e.gpus & gpus and not e.asleep:
-                self._release(k, e)
+        with self._lock:
+            for k, e in list(self._entries.items()):
+                if e.stage != stage and e.gpus & gpus and not e.asleep:
+                    self._release(k, e)
 
     def release(self, stage: str | None = None) -> None:
-        for k, e in list(self._entries.items()):
-            if stage is None or e.stage == stage:
-                self._release(k, e, end=True)
+        with self._lock:
+            for k, e in list(self._entries.items()):
+                if stage is None or e.stage == stage:
+                    self._release(k, e, end=True)
 
     def _release(self, key: tuple, e: _Entry, end: bool = False) -> None:
         if not end and getattr(e.engine, "_opd_sleep", False) and getattr(e.engine, "can_sleep", lambda: False)():
