@@ -49,6 +49,16 @@ def score(run_dir: str, iteration: int, rollout_writing=None) -> StageResult:
     return run_scoring(RunContext.load(run_dir), iteration, rollout_writing=rollout_writing)
 
 
+def _first_imports(ctx: RunContext, iteration: int) -> None:
+    """Two stages making their first imports in two threads race in transformers' lazy module (seen:
+    "cannot import name 'AutoTokenizer' from 'transformers'"): make them here first, in one thread."""
+    import opd_tasks.engines.hf  # noqa: F401
+    import opd_tasks.engines.remote  # noqa: F401
+    import opd_tasks.rollout  # noqa: F401
+    from opd_tasks.models import load_tokenizer
+    load_tokenizer(ctx.student_path(iteration), ctx.cfg.student.trust_remote_code, role="student")
+
+
 def rollout_and_score(run_dir: str, iteration: int) -> dict[str, StageResult]:
     """The rollout then the scoring stage, or both at once when scoring streams (module docstring)."""
     from opd_tasks.scoring import streams
@@ -56,6 +66,7 @@ def rollout_and_score(run_dir: str, iteration: int) -> dict[str, StageResult]:
     ctx = RunContext.load(run_dir)
     if not streams(ctx.cfg) or read_manifest(ctx.layout.fs, ctx.stage_dir(iteration, "rollout")) is not None:
         return {"rollout": rollout(run_dir, iteration), "scored": score(run_dir, iteration)}
+    _first_imports(ctx, iteration)
     ended = threading.Event()
     future = rollout.submit(run_dir, iteration)
     future.add_done_callback(lambda _: ended.set())

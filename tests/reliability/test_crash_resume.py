@@ -148,6 +148,26 @@ def _weights(run: Path) -> dict[str, str]:
     return {str(p.relative_to(run)): _sha(p) for p in sorted(files)}
 
 
+def _assert_same_result(run: Path, ref: Path, ref_ids: dict) -> None:
+    """A finished run equals the uninterrupted reference: rows, values, manifests, metrics, weights."""
+    # rows: every stage has the reference's rows, once each, in the same parts
+    lay, ref_lay = RunLayout(str(run)), RunLayout(str(ref))
+    assert _sample_ids(run) == ref_ids
+    for n in range(ITERATIONS):
+        for s in ("rollout", "scored"):
+            got = read_stage(lay.fs, lay.stage_dir(n, s)).replace_schema_metadata(None)
+            want = read_stage(ref_lay.fs, ref_lay.stage_dir(n, s)).replace_schema_metadata(None)
+            assert got.equals(want), f"iteration {n} {s}: values differ from the uninterrupted run"
+    # manifests: each verifies (every listed file there, sizes and sha256) and lists every file
+    for d in _dirs(run):
+        assert read_manifest(lay.fs, d, verify=True) is not None, d
+        assert stray_files(lay.fs, d) == [], d
+    # the outcome: metrics (minus timings and paths) and weights, bitwise
+    assert _metrics(run) == _metrics(ref)
+    weights = _weights(ref)
+    assert len(weights) == 2 * ITERATIONS and _weights(run) == weights
+
+
 @pytest.fixture(scope="module")
 def config(tiny_world, tmp_path_factory) -> str:
     return write_config(tmp_path_factory.mktemp("cfg") / "cfg.yaml", tiny_config(tiny_world, iterations=ITERATIONS))
@@ -189,22 +209,7 @@ def test_kill_at_every_fault_point_then_resume_gives_the_uninterrupted_result(tm
     assert _states(run) == {n: ALL_DONE for n in range(ITERATIONS)}
     assert {p: _committed_parts(run).get(p) for p in committed} == committed
 
-    # rows: every stage has the reference's rows, once each, in the same parts
-    lay, ref_lay = RunLayout(str(run)), RunLayout(str(ref))
-    assert _sample_ids(run) == ref_ids
-    for n in range(ITERATIONS):
-        for s in ("rollout", "scored"):
-            got = read_stage(lay.fs, lay.stage_dir(n, s)).replace_schema_metadata(None)
-            want = read_stage(ref_lay.fs, ref_lay.stage_dir(n, s)).replace_schema_metadata(None)
-            assert got.equals(want), f"iteration {n} {s}: values differ from the uninterrupted run"
-    # manifests: each verifies (every listed file there, sizes and sha256) and lists every file
-    for d in _dirs(run):
-        assert read_manifest(lay.fs, d, verify=True) is not None, d
-        assert stray_files(lay.fs, d) == [], d
-    # the outcome: metrics (minus timings and paths) and weights, bitwise
-    assert _metrics(run) == _metrics(ref)
-    weights = _weights(ref)
-    assert len(weights) == 2 * ITERATIONS and _weights(run) == weights
+    _assert_same_result(run, ref, ref_ids)
 
 
 def test_a_kill_after_the_last_eval_manifest_but_before_the_metrics_line_is_healed_on_resume(tmp_path, reference,
@@ -216,3 +221,27 @@ def test_a_kill_after_the_last_eval_manifest_but_before_the_metrics_line_is_heal
     res = opd_cli("resume", str(run))
     assert res.returncode == 0, res.stdout[-4000:]
     assert _metrics(run)["metrics.jsonl"] == _metrics(reference)["metrics.jsonl"]
+
+
+def test_a_streamed_run_killed_while_rollout_and_scoring_run_at_once_resumes_to_the_sequential_result(
+        tmp_path, tiny_world, reference, opd_cli):
+    """scoring.streaming: on (hf engines here; not in the config hash): killed after the 2nd rollout part
+    (scoring beside it), then the resume (streaming the last rollout part) after its 1st scored part;
+    the finished run is the sequential reference's, bit for bit."""
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(tiny_world, iterations=ITERATIONS, scoring={"streaming": "on"}))
+    run, ref_ids, committed = tmp_path / "run", _sample_ids(reference), {}
+    for k, (fault, scored) in enumerate((("rollout.part:2", (M, P)), ("scored.part:1", (P,)))):
+        args = ["run", cfg, "--run-dir", str(run)] if k == 0 else ["resume", str(run)]
+        killed = opd_cli(*args, OPD_FAULT=fault)
+        assert killed.returncode == -9, f"{fault}: not killed (rc {killed.returncode})\n{killed.stdout[-4000:]}"
+        states = _states(run)
+        assert states[0][0] in (P, D) and states[0][1] in scored and states[0][2:] == (M, M, M), (fault, states)
+        assert states[1] == NOTHING
+        now = _committed_parts(run)
+        assert {p: now.get(p) for p in committed} == committed, f"{fault}: a committed part was rewritten"
+        committed = now
+        _check_rows(run, ref_ids)
+    finished = opd_cli("resume", str(run))
+    assert finished.returncode == 0, finished.stdout[-4000:]
+    assert {p: _committed_parts(run).get(p) for p in committed} == committed
+    _assert_same_result(run, reference, ref_ids)
