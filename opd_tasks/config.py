@@ -27,8 +27,10 @@ Engine = Literal["hf", "vllm", "remote"]
 
 # Fields a resumed run may change without changing its identity (config hash).
 # placement: where engines run changes no result (data-parallel replicas reproduce one engine's rows);
-# scoring.streaming: when a scored part is made changes no byte of it.
-MUTABLE_FIELDS = ("iterations", "run_dir", "eval.every", "placement", "scoring.streaming")
+# scoring.streaming: when a scored part is made changes no byte of it; scoring.rows_per_request: how
+# rows travel to a remote server (vLLM answers a list of prompts with each one's own log-probs).
+MUTABLE_FIELDS = ("iterations", "run_dir", "eval.every", "placement", "scoring.streaming",
+                  "scoring.rows_per_request")
 NODE_LAUNCHER_FIELDS = ("command", "node_rank", "nnodes", "rdzv_endpoint", "cwd")  # train.node_launcher's placeholders
 
 
@@ -41,7 +43,7 @@ ADDED_LATER = {  # dotted field -> default left out of the hash
     "data.verifiers": {}, "student.params": None, "teachers[].params": None, "reference.params": None,
     "teachers[].reference.params": None, "scoring.top_k": 0, "loss.divergence": "fkl", "loss.beta": 0.5,
     "loss.tail": True, "loss.sampled_weight": 0.0,
-    "scoring.streaming": "auto"}
+    "scoring.streaming": "auto", "scoring.rows_per_request": 1}
 
 
 class ConfigError(OpdError, ValueError):
@@ -137,6 +139,8 @@ class ScoringConfig(_Model):
                                             "token (teacher_topk_ids/logp.NAME; 0: none); loss.kind=topk needs it")
     token_budget: int = Field(32768, gt=0, description="hf: padded tokens per forward batch")
     max_concurrency: int = Field(64, gt=0, description="remote: requests in flight")
+    rows_per_request: int = Field(1, gt=0, description="remote: rows per request, sent as a list of prompts (the "
+                                                       "same log-probs; less client CPU per row, e.g. 16)")
     vllm: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM kwargs")
     teachers: Literal["auto", "routed", "all"] = Field(
         "auto", description="routed: each teacher scores only the samples routed to it (its column is null for "

@@ -10,7 +10,8 @@
 
 Scored part k is made from rollout part k, so an interrupted stage resumes at the first missing
 part. Streaming (flows/iteration.py runs the rollout task beside this one) only changes when part k
-is read: once the rollout commits it (stages.StreamedInput); the scored stage is the same. Teachers are kept across iterations while no other stage needs their GPUs (engines/lifecycle.py).
+is read: once the rollout commits it (stages.StreamedInput); the scored stage is the same.
+Teachers are kept across iterations while no other stage needs their GPUs (engines/lifecycle.py).
 """
 from __future__ import annotations
 
@@ -236,7 +237,8 @@ def get_scorers(cfg: RunConfig, with_ref: bool, ref_path: str, run_dir: str | No
         engine = scoring_engine(cfg, url)
         placed = plan.find("scoring", role)
         opts = dict(dtype=dtype, token_budget=s.token_budget, vllm=vllm_kw if engine == "vllm" else s.vllm, url=url,
-                    max_concurrency=s.max_concurrency, trust_remote_code=trc)
+                    max_concurrency=s.max_concurrency, rows_per_request=s.rows_per_request,
+                    trust_remote_code=trc)
         if engine == "hf":
             opts["device"] = hf_device(cfg)
         build = (lambda e=engine, p=path, o=opts, pl=placed, r=role:

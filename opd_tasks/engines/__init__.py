@@ -29,10 +29,10 @@ _CLASSES = {
 
 
 COMMON_OPTS = {"dtype", "device", "token_budget", "trust_remote_code", "progress", "seed", "vllm", "url",
-               "max_concurrency"}
+               "max_concurrency", "rows_per_request"}
 _USES = {"hf": {"dtype", "device", "token_budget", "trust_remote_code", "progress"},
          "vllm": {"dtype", "seed"},
-         "remote": {"url", "max_concurrency"}}
+         "remote": {"url", "max_concurrency", "rows_per_request"}}
 
 
 class EngineInputError(OpdError):

@@ -8,7 +8,8 @@
     gen.load_weights("/shared/RUN/checkpoints/iter-000004/hf")   # server reloads in place
     logps = await scorer.ascore(prompt_ids, response_ids)        # from inside an event loop
 
-One POST /v1/completions per row (per prompt for generation), at most `max_concurrency` in flight
+One POST /v1/completions per row (per prompt for generation; scoring: rows_per_request rows per POST,
+as a list of prompts: the same log-probs for less client CPU per row), at most `max_concurrency` in flight
 (httpx.AsyncClient + a semaphore); connection errors, timeouts, 429 and 5xx are retried with
 exponential backoff; results come back in input order. `score()`/`generate()` are synchronous and
 safe to call from code that already runs an event loop (they then run in a helper thread).
@@ -75,7 +76,8 @@ class RemoteEngine:
 
     def __init__(self, base_url: str | None = None, model: str | None = None, max_concurrency: int = 64,
                  timeout: float = 300.0, retries: int = 4, backoff: float = 0.5, api_key: str | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None, *, url: str | None = None):
+                 transport: httpx.AsyncBaseTransport | None = None, *, url: str | None = None,
+                 rows_per_request: int = 1):
         self._model_hint = None
         if url is not None:  # make_scorer(kind, model_path, url=...): the positional is the model path
             self._model_hint, base_url = base_url, url
@@ -84,6 +86,10 @@ class RemoteEngine:
                                    "(set teachers[].url / rollout.url)")
         if max_concurrency < 1:
             raise EngineInputError(f"remote engine: max_concurrency must be >= 1, got {max_concurrency}")
+        if rows_per_request < 1:
+            raise EngineInputError(f"remote engine: rows_per_request must be >= 1, got {rows_per_request} "
+                                   "(scoring.rows_per_request)")
+        self.rows_per_request = rows_per_request
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.model = model
         self.max_concurrency = max_concurrency
@@ -165,11 +171,19 @@ class RemoteEngine:
             if not p:
                 raise EngineInputError(f"score: row {b} has an empty prompt; a response needs a prompt token before it")
         todo = [b for b, (_, r) in enumerate(rows) if r]
-        answers = await self._complete_all([{"prompt": rows[b][0] + rows[b][1], "max_tokens": 1,
-                                             "temperature": 1.0, "prompt_logprobs": k} for b in todo])
+        per = self.rows_per_request
+        chunks = [todo[i:i + per] for i in range(0, len(todo), per)]
+        prompts = [[rows[b][0] + rows[b][1] for b in c] for c in chunks]
+        answers = await self._complete_all([{"prompt": ps[0] if per == 1 else ps, "max_tokens": 1,
+                                             "temperature": 1.0, "prompt_logprobs": k} for ps in prompts])
         out = [np.zeros(0, dtype=np.float32) if not k else TopKScores.empty(k) for _ in rows]
-        for b, ans in zip(todo, answers):
-            out[b] = self._parse_score(ans, *rows[b], b, k)
+        for c, ans in zip(chunks, answers):
+            choices = sorted((ans or {}).get("choices") or [], key=lambda ch: ch.get("index", 0))
+            if len(choices) != len(c):
+                raise RemoteEngineError(f"{self.base_url}: {len(c)} prompts in one request but {len(choices)} "
+                                        f"choices back; set scoring.rows_per_request: 1 for this server")
+            for b, ch in zip(c, choices):
+                out[b] = self._parse_score({"choices": [ch]}, *rows[b], b, k)
         return out
 
     def _parse_score(self, ans: dict, p: list[int], r: list[int], b: int, k: int = 0):

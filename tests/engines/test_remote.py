@@ -55,10 +55,13 @@ class FakeServer:
         p = body["prompt"]
         if "prompt_logprobs" in body:
             # The top-1 token comes first in each entry, the actual token second (as vLLM's
-            # server does when it is not top-1): reading the first entry would be wrong.
-            plp = [None] + [{str(self.top1): {"logprob": -0.01}, str(p[i]): {"logprob": _fake_logp(p, i)}}
-                            for i in range(1, len(p))]
-            return httpx.Response(200, json={"choices": [{"index": 0, "prompt_logprobs": plp}]})
+            # server does when it is not top-1): reading the first entry would be wrong. A list of
+            # prompts gets one choice each (returned here in reverse: the client sorts by index).
+            many = p if p and isinstance(p[0], list) else [p]
+            plps = [[None] + [{str(self.top1): {"logprob": -0.01}, str(q[i]): {"logprob": _fake_logp(q, i)}}
+                              for i in range(1, len(q))] for q in many]
+            return httpx.Response(200, json={"choices": [{"index": i, "prompt_logprobs": plp}
+                                                         for i, plp in enumerate(plps)][::-1]})
         choices = [{"index": g, "token_ids": [p[-1], g + 3], "finish_reason": "length",
                     "logprobs": {"token_logprobs": [-1.0, -float(g)]}} for g in range(body["n"])][::-1]
         return httpx.Response(200, json={"choices": choices})
@@ -81,6 +84,21 @@ def test_score_many_in_flight_in_order_by_token_id():
     assert 1 < fake.max_in_flight <= 8
     assert fake.calls == sum(1 for r in responses if r)  # empty responses cost no request
     assert all(b["model"] == "toy" and b["prompt_logprobs"] == 0 and b["max_tokens"] == 1 for b in fake.bodies)
+
+
+def test_rows_per_request_sends_lists_of_prompts_and_gets_the_same_log_probs():
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 70) for _ in range(rng.randrange(1, 6))] for _ in range(23)]
+    responses = [[rng.randrange(3, 70) for _ in range(rng.randrange(0, 5))] for _ in range(23)]
+    one, five = FakeServer(), FakeServer()
+    want = _scorer(one).score(prompts, responses)
+    got = _scorer(five, rows_per_request=5).score(prompts, responses)
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    rows = sum(1 for r in responses if r)
+    assert one.calls == rows and five.calls == -(-rows // 5)
+    assert all(isinstance(b["prompt"][0], list) and len(b["prompt"]) <= 5 for b in five.bodies)
+    with pytest.raises(EngineInputError, match="rows_per_request"):
+        _scorer(one, rows_per_request=0)
 
 
 def test_generate_orders_choices_and_seeds_per_prompt():

@@ -118,7 +118,10 @@ class VLLMServer:
     dynamo off, processed log-probs. stop() kills the whole group (killing only the main process
     leaves its engine child running). dev_mode adds the endpoints that reload weights."""
 
-    def __init__(self, model_dir: Path, log_path: Path, dev_mode: bool = False, python: str = sys.executable):
+    def __init__(self, model_dir: Path, log_path: Path, dev_mode: bool = False, python: str = sys.executable,
+                 max_len: int = MAX_LEN, cpus: str | None = None):
+        """max_len: --max-model-len (at most the model's max_position_embeddings); cpus: `taskset -c
+        CPUS` (benchmarks/bench_pipeline.py pins the server to its own core)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -127,8 +130,9 @@ class VLLMServer:
             env["VLLM_SERVER_DEV_MODE"] = "1"
         cmd = [python, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(model_dir),
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--enforce-eager",
-               "--kv-cache-memory-bytes", "64M", "--max-model-len", str(MAX_LEN),
+               "--kv-cache-memory-bytes", "64M", "--max-model-len", str(max_len),
                "--logprobs-mode", "processed_logprobs", "--seed", "0"]
+        cmd = ["taskset", "-c", cpus, *cmd] if cpus else cmd
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)

@@ -1,7 +1,7 @@
-"""Streaming scoring (opd_tasks.scoring.streams, flows/iteration.rollout_and_score): when it is on,
-and that a streamed iteration writes the same rollout and scored shards and trains the same weights
-as one stage after the other, bit for bit. The crash-resume of a streamed iteration is in
-tests/reliability/test_streaming_resume.py; the speed-up in benchmarks/bench_pipeline.py."""
+"""Streaming scoring (opd_tasks.scoring.streams, rollout_and_score in flows/iteration.py): when it is
+on, and that a streamed iteration writes the same rollout and scored shards and trains the same
+weights as one stage after the other, bit for bit. The crash-resume of a streamed run is in
+tests/reliability/test_crash_resume.py; the speed-up in benchmarks/bench_pipeline.py."""
 from __future__ import annotations
 
 import hashlib
