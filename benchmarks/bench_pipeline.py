@@ -35,10 +35,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-streaming", action="store_true", help="skip the streaming measurement")
-    ap.add_argument("--stream-prompts", type=int, default=256)
-    ap.add_argument("--stream-rows-per-part", type=int, default=64)
+    ap.add_argument("--stream-prompts", type=int, default=128)
+    ap.add_argument("--stream-rows-per-part", type=int, default=32)
     ap.add_argument("--stream-rows-per-request", type=int, default=16, help="scoring.rows_per_request")
-    ap.add_argument("--stream-rollout-token-budget", type=int, default=512,
+    ap.add_argument("--stream-rollout-token-budget", type=int, default=64,
                     help="rollout.token_budget of the streaming runs: smaller generation batches make the "
                          "rollout's time comparable to the remote scoring's")
     args = ap.parse_args()
@@ -141,20 +141,21 @@ def streaming(raw: dict, args) -> dict:
                 "rollout": {**raw["rollout"], "prompts_per_iteration": args.stream_prompts,
                             "rows_per_part": args.stream_rows_per_part,
                             "token_budget": args.stream_rollout_token_budget}}
-        seconds, stages, shards = {"off": [], "on": []}, {}, {}
+        seconds, stages, shards, cpu = {"off": [], "on": []}, {}, {}, {}
         for rep in range(args.repeats + 1):  # repeat 0 warms the servers and this process up (not timed)
             for mode in ("off", "on"):
                 cfg = parse_config({**base, "scoring": {**raw["scoring"], "engine": "remote", "streaming": mode,
                                                         "rows_per_request": args.stream_rows_per_request}})
                 run_dir = str(tmp / f"{mode}-{rep}")
                 prepare_run(cfg, run_dir)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 res = pipeline(run_dir)
                 wall = time.perf_counter() - t0
+                cpu[mode] = round(time.process_time() - c0, 2)  # this process (rollout + scoring client)
                 stages[mode] = {k: round(v.seconds, 2) for k, v in res.items()}
                 shards[mode] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                                 for s in ("rollout", "scored") for p in sorted(Path(run_dir, "iter-000000", s).glob("part-*"))}
-                log(f"repeat {rep} streaming {mode}: {wall:.1f} s (stages {stages[mode]})")
+                log(f"repeat {rep} streaming {mode}: {wall:.1f} s (stages {stages[mode]}, cpu {cpu[mode]} s)")
                 if rep:
                     seconds[mode].append(wall)
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -166,7 +167,10 @@ def streaming(raw: dict, args) -> dict:
     parts = -(-args.stream_prompts // max(1, args.stream_rows_per_part // raw["rollout"]["group_size"]))
     return {"streaming_speedup": round(best["off"] / best["on"], 3),
             "sequential_seconds": round(best["off"], 2), "streaming_seconds": round(best["on"], 2),
+            "sequential_seconds_per_repeat": [round(x, 1) for x in seconds["off"]],
+            "streaming_seconds_per_repeat": [round(x, 1) for x in seconds["on"]],
             "sequential_stage_seconds": stages["off"], "streaming_stage_seconds": stages["on"],
+            "sequential_process_cpu_seconds": cpu["off"], "streaming_process_cpu_seconds": cpu["on"],
             "streaming_prompts": args.stream_prompts, "streaming_parts": parts,
             "streaming_rollout_token_budget": args.stream_rollout_token_budget,
             "streaming_rows_per_request": args.stream_rows_per_request,
