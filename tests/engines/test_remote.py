@@ -217,8 +217,10 @@ def test_remote_score_matches_transformers(served):
     t0 = time.perf_counter()
     one_by_one = RemoteScorer(server.url, max_concurrency=1).score(prompts, responses)
     sequential = time.perf_counter() - t0
+    batched = RemoteScorer(server.url, rows_per_request=8).score(prompts, responses)  # lists of 8 prompts
     ref = hf_response_logp(a, prompts, responses)
-    diff = max(max_abs_diff(got, ref), max_abs_diff(one_by_one, ref))
+    diff = max(max_abs_diff(got, ref), max_abs_diff(one_by_one, ref), max_abs_diff(batched, ref))
+    assert all(len(x) == len(y) for x, y in zip(batched, got))
     print(json.dumps({"remote_score_rows": 32, "concurrent_32_s": round(concurrent, 3),
                       "sequential_s": round(sequential, 3), "max_abs_diff_vs_transformers": diff}))
     assert diff < TOL
