@@ -1,9 +1,12 @@
-"""`opd demo`: the toy world end to end on a CPU in minutes.
+"""`opd demo`: the toy world end to end on a CPU in minutes, the design card's whole workflow.
 
-A weak student is distilled on-policy from two domain teachers (addition, string reversal),
-routed by domain (configs/toy.yaml). The toy world is built on first use and cached. At the end:
-a table of per-domain accuracy (student before/after, each teacher) and KL per iteration, and
-RUN/report.png + RUN/summary.json.
+configs/toy.yaml: an offline phase first (each train prompt sampled by its domain's teacher, the
+samples scored by the teachers into an inspectable dataset, wrong answers dropped by the verifier,
+SFT warm start), then on-policy iterations in which the student samples, the teacher of each
+prompt's domain (`route`) stores its top-8 per token, and the student trains on forward KL to it
+plus the sampled-token term. The toy world is built on first use and cached. At the end: a table of
+per-domain accuracy (student before, after the warm start and at the end; each teacher) and KL per
+iteration, and RUN/report.png + RUN/summary.json.
 
     opd demo [--run-dir runs/demo] [--iterations N]
 """

@@ -13,6 +13,25 @@ from opd_tasks.summary import read_metrics
 from storage.fs import write_bytes_atomic, write_json_atomic
 
 
+def offline_summary(ctx: RunContext, baseline: dict) -> dict | None:
+    """The offline phase's effect (None without an `offline:` block): accuracy before (the initial
+    student) and after the warm start, and how many teacher samples the filter kept."""
+    import posixpath
+
+    from storage.fs import exists, read_json
+    from storage.manifest import read_manifest
+    if ctx.cfg.offline is None:
+        return None
+    fs = ctx.layout.fs
+    ev_path = posixpath.join(ctx.offline_dir("evaluation"), "metrics.json")
+    ev = read_json(fs, ev_path) if exists(fs, ev_path) else {}
+    flt = read_manifest(fs, ctx.offline_dir("filter"))
+    extra = (flt.extra or {}) if flt is not None else {}
+    return {"source": ctx.cfg.offline.source, "rows": extra.get("rows"), "kept": extra.get("kept"),
+            "accuracy_before": baseline.get("student", {}), "accuracy_after": ev.get("accuracy") or {},
+            "eval_seconds": ev.get("seconds")}
+
+
 def run_summary(ctx: RunContext, baseline: dict) -> dict:
     """summary.json: teachers with their domains and accuracies, the student before and after."""
     rows = read_metrics(ctx)
@@ -28,7 +47,9 @@ def run_summary(ctx: RunContext, baseline: dict) -> dict:
         "combination": ctx.cfg.combination,
         "iterations": len(rows),
         "teachers": {t.name: {"domain": t.domain, "weight": t.weight} for t in ctx.cfg.teachers},
+        "offline": (off := offline_summary(ctx, baseline)),
         "accuracy": {"student_initial": baseline.get("student", {}),
+                     **({"student_warm_start": off["accuracy_after"]} if off and off["accuracy_after"] else {}),
                      "student_final": final,
                      **{t.name: teachers.get(t.name, {}) for t in ctx.cfg.teachers}},
         "fraction_of_teacher": fraction,  # final student / its domain's teacher, per domain
@@ -46,15 +67,29 @@ def plot_report(summary: dict, rows: list[dict]) -> bytes:
     init = summary["accuracy"]["student_initial"]
     domains = sorted(init) or sorted({d for r in rows for d in (r.get("accuracy") or {})})
     colors = dict(zip(domains, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    warm = summary["accuracy"].get("student_warm_start") or {}
+    last = max([r["iteration"] for r in rows] or [0])
+    gap = max(1.5, 0.12 * last)  # x of the initial student and the warm start, left of iteration 0
+    x_init, x_warm = (-2 * gap, -gap) if warm else (-gap, None)
     for d in domains:
-        xs = [-1] + [r["iteration"] for r in rows if r.get("accuracy")]
+        xs = [x_init] + [r["iteration"] for r in rows if r.get("accuracy")]
         ys = [init.get(d)] + [r["accuracy"].get(d) for r in rows if r.get("accuracy")]
+        if d in warm:  # the offline phase: initial -> warm start -> on-policy iterations
+            xs.insert(1, x_warm)
+            ys.insert(1, warm[d])
+            ax1.scatter([x_warm], [warm[d]], marker="s", s=60, color=colors[d], zorder=3,
+                        label=f"student after the offline warm start: {d}")
         ax1.plot(xs, ys, marker="o", color=colors[d], label=f"student: {d}")
         for name, t in summary["teachers"].items():
             acc = summary["accuracy"].get(name, {}).get(d)
             if t["domain"] == d and acc is not None:
                 ax1.axhline(acc, ls="--", color=colors[d], alpha=0.7, label=f"teacher {name}: {d}")
-    ax1.set(xlabel="iteration (-1 = initial student)", ylabel="greedy accuracy", ylim=(0, 1.02),
+    ticks = [t for t in ax1.get_xticks() if 0 <= t <= last]
+    ax1.set_xticks([x_init] + ([x_warm] if warm else []) + ticks,
+                   ["initial"] + (["warm\nstart"] if warm else []) + [f"{t:g}" for t in ticks])
+    if warm:
+        ax1.axvline(-gap / 2, color="grey", lw=0.8, ls=":")
+    ax1.set(xlabel="on-policy iteration" + (" (left of the dotted line: the offline phase)" if warm else ""), ylabel="greedy accuracy", ylim=(0, 1.02),
             title="accuracy per domain")
     ax1.legend(fontsize=8)
     for name in summary["teachers"]:
@@ -83,8 +118,10 @@ def render_table(summary: dict, rows: list[dict]) -> None:
     t.add_column("model")
     for d in domains:
         t.add_column(d, justify="right")
-    for label, key in (("student (initial)", "student_initial"), ("student (final)", "student_final")):
-        t.add_row(label, *[f"{acc[key].get(d, float('nan')):.3f}" for d in domains])
+    for label, key in (("student (initial)", "student_initial"), ("student (after warm start)", "student_warm_start"),
+                       ("student (final)", "student_final")):
+        if key in acc:
+            t.add_row(label, *[f"{acc[key].get(d, float('nan')):.3f}" for d in domains])
     for name, info in summary["teachers"].items():
         t.add_row(f"teacher {name} ({info['domain']})", *[f"{acc.get(name, {}).get(d, float('nan')):.3f}" for d in domains])
     frac = summary.get("fraction_of_teacher") or {}
