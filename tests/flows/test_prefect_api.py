@@ -30,31 +30,33 @@ def test_nothing_is_started_when_an_api_url_is_set(monkeypatch):
     assert "PREFECT_API_URL" not in os.environ
 
 
-def test_a_server_that_exits_is_a_one_line_error_naming_the_fix(monkeypatch):
-    from prefect.context import refresh_global_settings_context
+def test_a_server_that_exits_is_a_one_line_error_naming_the_fix(tmp_path):
+    # In a fresh process: this one's Prefect settings may hold another test's API url (the test
+    # harness), and then nothing would be started.
+    script = textwrap.dedent("""
+        import flows.prefect_api as api
+        from opd_tasks.errors import OpdError
 
-    import flows.prefect_api as api
-    from opd_tasks.errors import OpdError
+        class Exited:  # a server process that died at once (a broken Prefect install, a bad database)
+            returncode = 3
 
-    class Exited:  # a server process that died at once (a broken Prefect install, a bad database)
-        returncode = 3
+            def poll(self):
+                return self.returncode
 
-        def poll(self):
-            return self.returncode
-
-    before = os.environ.get("PREFECT_API_URL")
-    monkeypatch.setattr(api.subprocess, "Popen", lambda *a, **kw: Exited())
-    monkeypatch.setattr(api.atexit, "register", lambda *a: None)
-    monkeypatch.setenv("PREFECT_API_URL", "")  # restored to `before` after the test
-    monkeypatch.delenv("PREFECT_API_URL")
-    try:
+        api.subprocess.Popen = lambda *a, **kw: Exited()
+        api.atexit.register = lambda *a: None
         ready = api.start_temporary_api()
-        with pytest.raises(OpdError, match="exited with code 3.*set PREFECT_API_URL"):
+        try:
             ready()
-    finally:
-        monkeypatch.undo()
-        refresh_global_settings_context()  # Prefect's settings without the dead server's URL
-    assert os.environ.get("PREFECT_API_URL") == before
+        except OpdError as e:
+            print("ERROR", e)
+    """)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(ROOT)}
+    env.pop("PREFECT_API_URL", None)
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = p.stdout.strip().splitlines()[-1]
+    assert line.startswith("ERROR ") and "exited with code 3" in line and "set PREFECT_API_URL" in line, p.stdout
 
 
 @pytest.mark.slow  # a real temporary server: 10-30 s on this machine
