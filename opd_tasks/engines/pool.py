@@ -54,6 +54,11 @@ class ReplicaPool:
         r = [list(map(int, x)) for x in response_ids]
         return self._fan("score", len(p), lambda a, b: (p[a:b], r[a:b]))
 
+    def score_topk(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], k: int):
+        p = [list(map(int, x)) for x in prompt_ids]
+        r = [list(map(int, x)) for x in response_ids]
+        return self._fan("score_topk", len(p), lambda a, b: (p[a:b], r[a:b], int(k)))
+
     def load_weights(self, path: str) -> None:
         for rep in self.replicas:
             rep.submit("load_weights", path)

@@ -154,6 +154,10 @@ class EngineProcess:
     def score(self, prompt_ids, response_ids):
         return self.call("score", [list(map(int, p)) for p in prompt_ids], [list(map(int, r)) for r in response_ids])
 
+    def score_topk(self, prompt_ids, response_ids, k: int):
+        return self.call("score_topk", [list(map(int, p)) for p in prompt_ids],
+                         [list(map(int, r)) for r in response_ids], int(k))
+
     def load_weights(self, path: str) -> None:
         self.call("load_weights", path)
         self.model_path = path

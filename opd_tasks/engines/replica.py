@@ -109,7 +109,7 @@ def main(address: str, spec_json: str) -> int:
         try:
             if method in ("can_sleep", "sleep", "wake_up"):
                 result = getattr(sleepy, method)(*args)
-            elif method in ("generate", "score", "load_weights"):
+            elif method in ("generate", "score", "score_topk", "load_weights"):
                 result = getattr(engine, method)(*args)
             else:
                 raise ValueError(f"unknown request {method!r}")

@@ -59,7 +59,7 @@ def test_rollout_stage_on_two_replicas_resumes_after_a_replica_dies(tmp_path, to
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "toy.yaml"))
     cfg = cfg.model_copy(update={
-        "toy_world": toy_world_cfg,
+        "toy_world": toy_world_cfg, "offline": None,  # the stages alone, no warm start
         "rollout": cfg.rollout.model_copy(update={"engine": "vllm", "prompts_per_iteration": 8, "rows_per_part": 8,
                                                   "vllm": {"data_parallel_size": 2}}),
         "placement": cfg.placement.model_copy(update={"gpus": 2})})

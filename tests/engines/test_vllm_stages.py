@@ -21,7 +21,7 @@ def test_vllm_rollout_and_scoring_stages_on_the_toy_world_match_hf(tmp_path, toy
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "toy.yaml"))
     cfg = cfg.model_copy(update={
-        "toy_world": toy_world_cfg,
+        "toy_world": toy_world_cfg, "offline": None,  # the stages alone, no warm start
         "loss": cfg.loss.model_copy(update={"kind": "gopd", "lam": 1.25}),
         "rollout": cfg.rollout.model_copy(update={"engine": "vllm", "prompts_per_iteration": 8, "rows_per_part": 16}),
         "scoring": cfg.scoring.model_copy(update={"engine": "vllm"})})
@@ -32,13 +32,23 @@ def test_vllm_rollout_and_scoring_stages_on_the_toy_world_match_hf(tmp_path, toy
     assert read_provenance(ctx.layout.fs, ctx.stage_dir(0, "scored"))["engine"] == "vllm"
     prompts, responses = t.column("prompt_ids").to_pylist(), t.column("response_ids").to_pylist()
     domains = t.column("domain").to_pylist()
+    k = ctx.cfg.scoring.top_k
+    assert k == 8  # the shipped config stores each teacher's top-8: through the vLLM engine processes too
     for t_cfg in ctx.cfg.teachers:  # routed scoring: each teacher scored its own domain's rows only
-        hf = HFScorer(t_cfg.path).score(prompts, responses)
+        hf = HFScorer(t_cfg.path).score_topk(prompts, responses, k)
         got = t.column(f"teacher_logp.{t_cfg.name}").to_pylist()
+        top_ids = t.column(f"teacher_topk_ids.{t_cfg.name}").to_pylist()
+        top_logp = t.column(f"teacher_topk_logp.{t_cfg.name}").to_pylist()
         assert [g is not None for g in got] == [d == t_cfg.domain for d in domains]
-        for a, b in zip(hf, got):
+        for a, b, ids, lp in zip(hf, got, top_ids, top_logp):
             if b is not None:
-                np.testing.assert_allclose(b, a, atol=1e-3)
+                np.testing.assert_allclose(b, a.logp, atol=1e-3)
+                lp = np.asarray(lp, np.float32).reshape(len(b), k)
+                np.testing.assert_allclose(lp, a.topk_logp, atol=1e-3)
+                ids = np.asarray(ids).reshape(len(b), k)  # the same ids where the log-probs are not near-tied
+                clear = np.abs(np.diff(a.topk_logp, axis=1)) > 1e-3
+                sure = np.concatenate([clear[:, :1], clear[:, :-1] & clear[:, 1:], clear[:, -1:]], axis=1)
+                assert (ids == a.ids)[sure].all()
     for row in t.to_pylist():  # route: each sample carries its domain teacher's log-probs
         name = {"add": "adder", "rev": "reverser"}[row["domain"]]
         assert row["teacher_logp"] == row[f"teacher_logp.{name}"]
@@ -61,7 +71,7 @@ def test_evaluation_on_vllm_equals_the_hf_engine(tmp_path, toy_world, toy_world_
     from opd_tasks.models import load_tokenizer
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "toy.yaml"))
-    cfg = cfg.model_copy(update={"toy_world": toy_world_cfg,
+    cfg = cfg.model_copy(update={"toy_world": toy_world_cfg, "offline": None,  # the stages alone, no warm start
                                  "rollout": cfg.rollout.model_copy(update={"engine": "vllm"}),
                                  "eval": cfg.eval.model_copy(update={"max_prompts": 64, "max_new_tokens": 12})})
     ctx = prepare_run(cfg, str(tmp_path / "run"))
