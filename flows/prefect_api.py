@@ -11,7 +11,8 @@ then starts the same app in a subprocess and waits for it (13-20 s on this machi
 before the run's first line. Here the subprocess starts at once, with Prefect's own command and
 environment (prefect.server.api.server.SubprocessASGIServer), and this process goes on importing
 and loading while it comes up; PREFECT_API_URL points the process at it, and it is stopped when the
-process exits (as Prefect stops its own). With PREFECT_API_URL set (a running server, as in
+process exits (as Prefect stops its own), or, on Linux, when it is killed (SIGKILL: no atexit). With
+PREFECT_API_URL set (a running server, as in
 production) or ephemeral mode off, nothing is started.
 """
 from __future__ import annotations
@@ -46,7 +47,8 @@ def start_temporary_api() -> Callable[[], None]:
            **settings.to_environment_variables(exclude_unset=True)}
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
                              "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "error", "--lifespan", "on"], env=env)
+                             "--port", str(port), "--log-level", "error", "--lifespan", "on"], env=env,
+                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     atexit.register(_stop, proc)
     url = f"http://127.0.0.1:{port}/api"
     os.environ["PREFECT_API_URL"] = url  # this process (and its subprocesses) use it from now on
@@ -69,6 +71,15 @@ def start_temporary_api() -> Callable[[], None]:
         raise OpdError(f"Prefect's temporary server did not answer on {url} within {timeout} s; raise "
                            f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL")
     return ready
+
+
+def _die_with_parent() -> None:
+    """In the server's process before exec: SIGTERM when the thread that started it ends, so a run
+    killed with SIGKILL (atexit never runs) leaves no server behind. opd starts the server from the
+    main thread, first thing, so that thread is the process's life."""
+    import ctypes
+    import signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,24 @@ def test_the_early_server_runs_the_flows_and_stops_at_exit(tmp_path):
     port = int(out["url"].rsplit(":", 1)[1].split("/")[0])
     with socket.socket() as sock:  # stopped at exit: nothing listens on its port any more
         assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+    # a run killed with SIGKILL (no atexit) leaves no server behind either
+    killed = textwrap.dedent("""
+        import os, signal
+        from flows.prefect_api import start_temporary_api
+        ready = start_temporary_api()
+        ready()
+        print(os.environ["PREFECT_API_URL"], flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    p = subprocess.run([sys.executable, "-c", killed], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9, p.stderr[-3000:]
+    port = int(p.stdout.strip().splitlines()[-1].rsplit(":", 1)[1].split("/")[0])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"the server of a SIGKILLed run still listens on port {port}")
