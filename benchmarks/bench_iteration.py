@@ -286,7 +286,8 @@ def main() -> None:
         tw = {"dir": str(Path(cfg.toy_world.dir).expanduser()) + f"-{args.size}", "size": args.size}
         cfg = cfg.model_copy(update={"toy_world": cfg.toy_world.model_copy(update=tw)})
     rollout = {k: v for k, v in (("prompts_per_iteration", args.prompts), ("group_size", args.group_size)) if v}
-    cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update=rollout)})
+    # iterations only: the demo config's offline phase (a warm start before iteration 0) is not one
+    cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update=rollout), "offline": None})
     t0 = time.time()
     if cfg.toy_world:
         import torch
