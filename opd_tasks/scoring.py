@@ -219,15 +219,16 @@ def get_scorers(cfg: RunConfig, with_ref: bool, ref_path: str, run_dir: str | No
     from opd_tasks.engines import hf_device
     from opd_tasks.engines.lifecycle import ENGINES
     from opd_tasks.engines.pool import build_engine
-    from opd_tasks.placement import reference_role, run_reference_used, runtime_plan
+    from opd_tasks.placement import reference_role, runtime_plan
     s, sleep = cfg.scoring, cfg.placement.sleep_mode == "auto"
     plan = runtime_plan(cfg)
     wanted = [(t.name, f"teacher {t.name}", t.path, t.dtype, t.trust_remote_code, t.url) for t in cfg.teachers]
     if with_ref:
         r = cfg.reference or cfg.student
-        if run_reference_used(cfg):  # not when every teacher names its own other reference
+        own = dict(references(cfg, ref_path).values()) if cfg.combination == "route" else {REF: r}
+        if REF in own:  # not when every teacher names its own other reference
             wanted.append((REF, "reference", ref_path, r.dtype, r.trust_remote_code, None))
-        for key, m in dict(references(cfg, ref_path).values()).items() if cfg.combination == "route" else ():
+        for key, m in own.items():
             if key != REF:  # a teacher's own reference: its own engine in the plan ("reference of NAME")
                 wanted.append((key, reference_role(cfg, m.path), m.path, m.dtype, m.trust_remote_code, None))
     specs = []

@@ -75,3 +75,18 @@ def test_bad_teacher_references_are_named(tmp_path, tiny_world):
     run_rollout(ctx, 0)
     with pytest.raises(TokenizerMismatchError, match="teacher 'ty'.s reference"):
         run_scoring(ctx, 0)
+
+
+def test_the_runs_reference_is_not_loaded_when_every_teacher_names_its_own(tmp_path, tiny_world):
+    from opd_tasks.engines.lifecycle import ENGINES
+    from opd_tasks.scoring import REF, get_scorers
+    refs = {"tx": tiny_world["ty"], "ty": tiny_world["tx"]}
+    cfg = prepare_run(_cfg(tiny_world, refs), str(tmp_path / "own")).cfg
+    try:
+        keys = set(get_scorers(cfg, with_ref=True, ref_path=tiny_world["student"]))
+        assert keys == {"tx", "ty", REF + tiny_world["ty"], REF + tiny_world["tx"]}
+        one = {"tx": tiny_world["ty"]}  # ty keeps the run's reference: it is loaded
+        cfg = prepare_run(_cfg(tiny_world, one), str(tmp_path / "one")).cfg
+        assert REF in get_scorers(cfg, with_ref=True, ref_path=tiny_world["student"])
+    finally:
+        ENGINES.close_all()
