@@ -58,7 +58,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     raw = yaml.safe_load((ROOT / "configs" / "toy.yaml").read_text())
     raw.pop("offline", None)  # one iteration's stages: no warm start before it
-    raw["scoring"].pop("top_k", None)  # sampled-token scoring and loss, as the figures in benchmarks/README
+    raw["scoring"].pop("top_k", None)  # sampled-token scoring and loss, as the figures in benchmarks/README.md
     raw["loss"] = {"kind": "rkl"}
     raw["toy_world"]["size"] = args.size
     if args.size == "test":  # the tests' cached world, not the demo's directory
