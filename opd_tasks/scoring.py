@@ -16,6 +16,7 @@ Teachers are kept across iterations while no other stage needs their GPUs (engin
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping
 
 import numpy as np
@@ -86,6 +87,21 @@ def _reference_calls(cfg: RunConfig, domains: list[str | None], ref_path: str) -
     return {key: [np.array(sorted(r), np.int64)] for key, r in rows.items()}
 
 
+def _ask_all(names: list[str], scorers: Mapping[str, Scorer], ask: Callable[[str], list]) -> dict[str, list]:
+    """{name: ask(name)} in `names` order. Scorers that only wait on a server (RemoteEngine: its
+    `concurrent` is true) are asked at once, each in its own thread: K remote teachers then cost the
+    longest one's latency, not the sum, and each server computes while the others' answers are parsed.
+    In-process engines share this process's cores and are asked one after the other. The first
+    failing scorer in `names` order raises, as when they run one by one."""
+    apart = [n for n in names if getattr(scorers[n], "concurrent", False)]
+    if len(apart) < 2:
+        return {n: ask(n) for n in names}
+    with ThreadPoolExecutor(len(apart), thread_name_prefix="opd-score") as pool:
+        futures = {n: pool.submit(ask, n) for n in apart}
+        done = {n: ask(n) for n in names if n not in futures}
+        return {n: done[n] if n in done else futures[n].result() for n in names}
+
+
 def score_table(table: pa.Table, scorers: Mapping[str, Scorer], cfg: RunConfig, with_ref: bool,
                 ref_path: str | None = None, where: str = "", first_row: int = 0) -> pa.Table:
     """Rollout-shaped table -> scored table: teacher_logp.NAME for each teacher (null on the rows it
@@ -104,20 +120,23 @@ def score_table(table: pa.Table, scorers: Mapping[str, Scorer], cfg: RunConfig, 
     per_teacher: dict[str, list[np.ndarray | None]] = {}
     k, teacher_names = cfg.scoring.top_k, {t.name for t in cfg.teachers}
     topk: dict[str, list[tuple[np.ndarray, np.ndarray] | None]] = {}
-    for name, scorer in scorers.items():
-        if name not in calls:
-            continue
+
+    def ask(name: str) -> list:  # the scorer's answers for its rows, in calls[name]'s order
+        scorer, want_k = scorers[name], k if name in teacher_names else 0
+        return [sc for rows in calls[name] if len(rows) for sc in
+                (scorer.score_topk([prompts[i] for i in rows], [responses[i] for i in rows], want_k) if want_k
+                 else scorer.score([prompts[i] for i in rows], [responses[i] for i in rows]))]
+    answers = _ask_all([n for n in scorers if n in calls], scorers, ask)
+    for name in answers:
         idx = np.concatenate(calls[name])
         if k and name in teacher_names:
-            scored = [sc for rows in calls[name] if len(rows)
-                      for sc in scorer.score_topk([prompts[i] for i in rows], [responses[i] for i in rows], k)]
+            scored = answers[name]
             out = [sc.logp for sc in scored]
             topk[name] = [None] * table.num_rows
             for i, sc in zip(idx, scored):
                 topk[name][i] = (sc.ids.reshape(-1), sc.topk_logp.reshape(-1))
         else:
-            out = [lp for rows in calls[name] if len(rows)
-                   for lp in scorer.score([prompts[i] for i in rows], [responses[i] for i in rows])]
+            out = answers[name]
         for i, lp in zip(idx, out):
             if len(lp) != len(responses[i]) or not np.isfinite(lp).all():
                 who = f"reference {name[len(REF):] or ''}".strip() if name.startswith(REF) else f"teacher {name!r}"

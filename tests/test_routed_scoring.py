@@ -98,3 +98,33 @@ def test_routed_needs_route_and_a_routed_shard_cannot_become_a_mixture(tmp_path,
     assert again.column("teacher_logp").equals(routed.column("teacher_logp"))
     with pytest.raises(CombinationError, match="re-score with scoring.teachers: all"):
         recombine(routed, "mixture", teacher_provenance(ctx.cfg))
+
+
+class Apart(Counting):
+    """A scorer that only waits on a server (as RemoteEngine): each call meets the other teacher's
+    call at a barrier, so the part cannot be scored with the teachers asked one after the other."""
+    concurrent = True
+
+    def __init__(self, inner, barrier):
+        super().__init__(inner)
+        self.barrier = barrier
+
+    def score(self, prompts, responses):
+        self.barrier.wait()  # BrokenBarrierError after 20 s when the other teacher is not asked meanwhile
+        return super().score(prompts, responses)
+
+
+def test_teachers_apart_from_this_process_are_asked_at_once_with_the_same_bits(tmp_path, tiny_world, monkeypatch):
+    import threading
+
+    import opd_tasks.scoring as scoring
+    _, one_by_one = _scored(tmp_path / "seq", tiny_world, "all")
+    barrier = threading.Barrier(2, timeout=20)
+    monkeypatch.setattr(scoring, "get_scorers", lambda *a, **k: {
+        n: Apart(s, barrier) for n, s in REAL_GET_SCORERS(*a, **k).items()})
+    ctx = prepare_run(parse_config(tiny_config(tiny_world, **ROUTE, scoring={"teachers": "all"})),
+                      str(tmp_path / "at-once" / "run"))
+    run_rollout(ctx, 0)
+    run_scoring(ctx, 0)
+    assert not barrier.broken
+    assert read_stage(ctx.layout.fs, ctx.stage_dir(0, "scored")).equals(one_by_one)

@@ -82,7 +82,10 @@ class RemoteEngine:
     (default: the only model in GET /v1/models); timeout: seconds per request; retries: extra
     attempts after a transient failure, waiting backoff * 2**k seconds; transport: an httpx
     transport (tests). The factory form `RemoteScorer(model_path, url=URL)` (engines.make_scorer)
-    is accepted too: model_path then names the model if the server serves it under that name."""
+    is accepted too: model_path then names the model if the server serves it under that name.
+    `concurrent`: calls only wait on the server, so scoring asks several remote teachers at once."""
+
+    concurrent = True
 
     def __init__(self, base_url: str | None = None, model: str | None = None, max_concurrency: int = 64,
                  timeout: float = 300.0, retries: int = 4, backoff: float = 0.5, api_key: str | None = None,
