@@ -129,6 +129,7 @@ def instrument(clock: Clock) -> None:
     # compute
     clock.wrap(HFGenerator, "generate", "generate")
     clock.wrap(HFScorer, "score", "score")
+    clock.wrap(HFScorer, "score_topk", "score")  # scoring.top_k (the demo config); both call _score once
     clock.wrap(worker, "train_iteration", "train_steps")
     # Parquet I/O and checkpoints
     clock.wrap(stages, "write_part", "parquet_io")  # every stage's parts go through stages.write_stage
