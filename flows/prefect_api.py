@@ -29,6 +29,15 @@ from typing import Callable
 from opd_tasks.errors import OpdError
 
 
+# What the temporary server skips unless the environment says otherwise. Block types: registering
+# every one of them took ~5 s of a fresh database's start here, and a run on a temporary server has
+# no block documents to use them; whichever server next starts with registration on (Prefect's
+# default) registers them in the same database. Telemetry (Prefect's usage report): its heartbeat
+# raced a fresh database's first writes and printed "database is locked" tracebacks on the run's
+# terminal. Either is back with PREFECT_API_BLOCKS_REGISTER_ON_START / PREFECT_SERVER_ANALYTICS_ENABLED.
+TEMPORARY_DEFAULTS = {"PREFECT_API_BLOCKS_REGISTER_ON_START": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
 def start_temporary_api() -> Callable[[], None]:
     """Start the server subprocess now when this process would start one; returns the function
     that waits until it answers (a no-op when nothing was started; OpdError, a one-line error of
@@ -43,8 +52,8 @@ def start_temporary_api() -> Callable[[], None]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-           **settings.to_environment_variables(exclude_unset=True)}
+    env = {**TEMPORARY_DEFAULTS, **os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1", **settings.to_environment_variables(exclude_unset=True)}
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
                              "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "error", "--lifespan", "on"], env=env,

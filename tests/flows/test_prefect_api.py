@@ -77,17 +77,22 @@ def test_the_early_server_runs_the_flows_and_stops_at_exit(tmp_path):
 
         ready()
         run_id, seen = probe()
-        print(json.dumps({"url": url, "seen": seen, "run_id": run_id,
+        from prefect.client.orchestration import get_client
+        with get_client(sync_client=True) as client:
+            block_types = len(client.read_block_types())
+        print(json.dumps({"url": url, "seen": seen, "run_id": run_id, "block_types": block_types,
                           "server_in_process": "prefect.server.api.server" in sys.modules}))
     """)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PYTHONPATH": str(ROOT)}
-    env.pop("PREFECT_API_URL", None)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(ROOT)}
+    for name in ("PREFECT_API_URL", "PREFECT_API_BLOCKS_REGISTER_ON_START", "PREFECT_SERVER_ANALYTICS_ENABLED"):
+        env.pop(name, None)
     p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["seen"] == out["url"] and out["run_id"]  # the flow ran against the server started early
     assert not out["server_in_process"]  # Prefect's server app was not imported into the run's process
+    # a fresh database: no block types registered (~5 s), no telemetry racing its first writes
+    assert out["block_types"] == 0 and "database is locked" not in p.stderr
     port = int(out["url"].rsplit(":", 1)[1].split("/")[0])
     with socket.socket() as sock:  # stopped at exit: nothing listens on its port any more
         assert sock.connect_ex(("127.0.0.1", port)) != 0
