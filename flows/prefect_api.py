@@ -3,7 +3,7 @@
     ready = start_temporary_api()   # first thing in `opd run` / `opd resume` / `opd demo`
     from flows.run import run_from_config   # torch, transformers, ...: the server starts meanwhile
     ready()                         # before the first flow call: the server answers /health
-    run_from_config(...)
+    run_from_config(...)            # (while it does not yet, ready() imports the stages' code first)
 
 With no PREFECT_API_URL (and ephemeral mode on, Prefect's default), the first flow call starts
 a temporary server itself: it imports Prefect's server app into this process (~5 s of CPU here),
@@ -12,8 +12,7 @@ before the run's first line. Here the subprocess starts at once, with Prefect's 
 environment (prefect.server.api.server.SubprocessASGIServer), and this process goes on importing
 and loading while it comes up; PREFECT_API_URL points the process at it, and it is stopped when the
 process exits (as Prefect stops its own), or, on Linux, when it is killed (SIGKILL: no atexit). With
-PREFECT_API_URL set (a running server, as in
-production) or ephemeral mode off, nothing is started.
+PREFECT_API_URL set (a running server, as in production) or ephemeral mode off, nothing is started.
 """
 from __future__ import annotations
 
@@ -66,20 +65,39 @@ def start_temporary_api() -> Callable[[], None]:
 
     def ready() -> None:
         deadline = time.monotonic() + timeout
+        if not _answers(url):  # still starting: import what the stages will import, on this idle core
+            _import_stage_code()
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise OpdError(f"Prefect's temporary server exited with code {proc.returncode} before it "
                                    f"answered on {url}; run `prefect server start` and set PREFECT_API_URL")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
+            if _answers(url):
+                return
             time.sleep(0.1)
         raise OpdError(f"Prefect's temporary server did not answer on {url} within {timeout} s; raise "
                            f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL")
     return ready
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _import_stage_code() -> None:
+    """The stages' modules with torch and transformers' auto classes (~6 s of imports here), which
+    the first iteration would import anyway, imported while the server starts instead of after."""
+    import transformers
+
+    import opd_tasks.engines.hf  # noqa: F401
+    import opd_tasks.eval_stage  # noqa: F401
+    import opd_tasks.rollout  # noqa: F401
+    import opd_tasks.scoring  # noqa: F401
+    import opd_tasks.trainer.worker  # noqa: F401
+    transformers.AutoTokenizer, transformers.AutoModelForCausalLM  # lazy: these import the classes
 
 
 def _die_with_parent() -> None:

@@ -81,6 +81,7 @@ def test_the_early_server_runs_the_flows_and_stops_at_exit(tmp_path):
         with get_client(sync_client=True) as client:
             block_types = len(client.read_block_types())
         print(json.dumps({"url": url, "seen": seen, "run_id": run_id, "block_types": block_types,
+                          "stage_code_imported": "opd_tasks.trainer.worker" in sys.modules,
                           "server_in_process": "prefect.server.api.server" in sys.modules}))
     """)
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(ROOT)}
@@ -93,6 +94,7 @@ def test_the_early_server_runs_the_flows_and_stops_at_exit(tmp_path):
     assert not out["server_in_process"]  # Prefect's server app was not imported into the run's process
     # a fresh database: no block types registered (~5 s), no telemetry racing its first writes
     assert out["block_types"] == 0 and "database is locked" not in p.stderr
+    assert out["stage_code_imported"]  # imported while the server started (a fresh database: it takes seconds)
     port = int(out["url"].rsplit(":", 1)[1].split("/")[0])
     with socket.socket() as sock:  # stopped at exit: nothing listens on its port any more
         assert sock.connect_ex(("127.0.0.1", port)) != 0
