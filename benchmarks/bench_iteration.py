@@ -159,6 +159,11 @@ def child(args) -> None:
     t_end = time.time()
     emit({"t_main": T_MAIN, "t_start": t_start, "t_imports": t_imports, "t_flow_call": t0, "t_end": t_end,
           "marks": clock.marks, "acc": {k: dict(v) for k, v in clock.acc.items()}})
+    try:  # as the `opd` command exits (flows/cli.py): exit handlers, then no interpreter teardown
+        from flows.cli import exit_now
+    except ImportError:  # an opd from before the quick exit (a side-by-side baseline)
+        return
+    exit_now(0)
 
 
 def scored_bytes(run_dir: Path, iteration: int, teachers: int) -> dict:
@@ -271,6 +276,9 @@ def main() -> None:
     ap.add_argument("--prefect-server", action="store_true",
                     help="run against a `prefect server start` started beforehand (not timed), as in "
                          "production, instead of Prefect's temporary per-process server")
+    ap.add_argument("--existing-prefect-db", action="store_true",
+                    help="the run's PREFECT_HOME already holds a database (any `opd run` after the first one "
+                         "on a machine); default: an empty one, as the very first run (Prefect migrates it)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -303,6 +311,9 @@ def main() -> None:
         env = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", **os.environ,
                "PREFECT_HOME": str(Path(tmp) / "prefect"), "OMP_NUM_THREADS": str(args.threads)}
         env.pop("PREFECT_API_URL", None)
+        if args.existing_prefect_db:  # a later `opd run`: the database is there (migrated once, untimed)
+            subprocess.run([sys.executable, "-c", "from flows.prefect_api import start_temporary_api; "
+                            "start_temporary_api()()"], env=env, cwd=ROOT, check=True, capture_output=True)
         server = start_prefect_server(env) if args.prefect_server else None
         if server:
             env["PREFECT_API_URL"] = server[1]
@@ -346,6 +357,7 @@ def main() -> None:
                   "max_new_tokens": cfg.rollout.max_new_tokens, "teachers": len(cfg.teachers),
                   "eval_prompts": cfg.eval.max_prompts, "threads": args.threads},
         "prefect": "server started beforehand" if args.prefect_server else "temporary per-process server",
+        "prefect_db": "existing" if args.existing_prefect_db else "fresh (first run: Prefect migrates it)",
         "world_build_or_reuse_s": round(world_s, 1),
         "machine": machine(), "versions": versions("torch", "transformers", "prefect", "pyarrow"),
     })

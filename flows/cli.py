@@ -41,9 +41,9 @@ class _Opd(typer.Typer):
     transformers and Prefect) took ~2.5 s here, after everything was written. So once the command
     returns, the exit handlers run as usual (Prefect's log and event flush, its temporary server's
     stop, logging's flush), stdout and stderr are flushed, and os._exit skips the teardown. Every
-    file opd writes is closed (and renamed into place) before its stage returns. With another
-    non-daemon thread still alive the normal exit, which waits for it, is kept. Typer's test runner
-    calls the command, not this, so tests in one process are unaffected."""
+    file opd writes is closed (and renamed into place) before its stage returns. A non-daemon thread
+    still running is waited for, as at a normal exit. Typer's test runner calls the command, not
+    this, so tests in one process are unaffected."""
 
     def __call__(self, *args, **kwargs):
         try:
@@ -51,18 +51,21 @@ class _Opd(typer.Typer):
             code = 0
         except SystemExit as stop:
             code = stop.code
-        _exit_now(code)
+        exit_now(code)
 
 
-def _exit_now(code) -> None:
+def exit_now(code) -> None:
+    """_Opd's quick exit (benchmarks time it too): the interpreter's own exit steps in its order, then
+    os._exit(code) where it would tear the heap down. First threading's (Prefect drains its log and
+    event workers there, and non-daemon threads are joined), then the atexit handlers (Prefect's
+    loop threads, the temporary server's stop, logging's flush), then stdout and stderr."""
     import atexit
     import threading
     if isinstance(code, str):  # sys.exit("message"): printed, status 1, as the interpreter does
         print(code, file=sys.stderr)
         code = 1
     code = 0 if code is None else code
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        sys.exit(code)
+    threading._shutdown()  # what Py_Finalize runs first; after it no new thread can start
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
