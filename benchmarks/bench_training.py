@@ -361,6 +361,12 @@ def main() -> None:
                 rate["opd_offpolicy_pipeline" + suffix] = [n / (t + s) for n, t, s in
                                                            zip(tokens[opd], times[opd], times[score])]
 
+        # the bound: opd's rollout + scoring alone (its trainer taking no time): no trainer work can
+        # lift the end-to-end speedups above these
+        rate["opd_onpolicy_pipeline_train_free"] = [n / (s + g) for n, s, g in
+                                                    zip(tokens[opd], times["opd_score"], times["opd_rollout"])]
+        rate["opd_offpolicy_pipeline_train_free"] = [n / s for n, s in zip(tokens[opd], times["opd_score"])]
+
     def ratio(a, b):
         """Median over repeats of the ratio of tokens/s measured in the same repeat (side by side)."""
         if a not in rate or b not in rate:
@@ -375,6 +381,8 @@ def main() -> None:
         "speedup_vs_trl_gkd_offpolicy": ratio(opd, "trl_off"),
         "speedup_vs_trl_gkd_onpolicy_pipeline": ratio("opd_onpolicy_pipeline", "trl_on"),
         "speedup_vs_trl_gkd_offpolicy_pipeline": ratio("opd_offpolicy_pipeline", "trl_off"),
+        "speedup_bound_onpolicy_pipeline_train_free": ratio("opd_onpolicy_pipeline_train_free", "trl_on"),
+        "speedup_bound_offpolicy_pipeline_train_free": ratio("opd_offpolicy_pipeline_train_free", "trl_off"),
         "speedup_vs_trl_gkd_onpolicy_pipeline_unshared": ratio("opd_onpolicy_pipeline_unshared", "trl_on"),
         "speedup_vs_trl_gkd_onpolicy_pipeline_bf16": ratio("opd_onpolicy_pipeline_bf16", "trl_on"),
         "speedup_vs_trl_gkd_offpolicy_pipeline_bf16": ratio("opd_offpolicy_pipeline_bf16", "trl_off"),
