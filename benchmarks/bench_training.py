@@ -224,8 +224,9 @@ def _hf_model(path: str):
 class OpdPrep:
     """opd's own rollout (HFGenerator: each of the samples / G prompts G times, response_len new
     tokens each) and teacher scoring (HFScorer) of the rows, timed; the engines are loaded once, as
-    in a run. Levers, timed side by side in every repeat: the rollout without the shared prefill
-    (HFGenerator.shared_prefill = False: one prefill per sample), and the teacher scored in
+    in a run. Levers, timed side by side in every repeat: the rollout and the teacher's scoring
+    without the shared prefill (HFGenerator/HFScorer.shared_prefill = False: the prompt run once per
+    sample, not once per prompt), and the teacher scored in
     bfloat16 (a teacher's `dtype: bfloat16` in a config) besides float32."""
 
     def __init__(self, data: dict, group_size: int, bf16: bool):
@@ -256,9 +257,16 @@ class OpdPrep:
         self.checks["shared_prefill_same_tokens"] = all(a.response_ids == b.response_ids for a, b in pairs)
         self.checks["shared_prefill_max_abs_logp_diff"] = max(
             float(np.abs(a.behaviour_logp - b.behaviour_logp).max()) for a, b in pairs)
-        t0 = time.perf_counter()
-        teacher_logp = self.teacher.score(d["prompts"], d["responses"])
-        times["score"] = time.perf_counter() - t0
+        scored = {}
+        for shared, key in ((True, "score"), (False, "score_unshared"))[::1 if k % 2 == 0 else -1]:
+            self.teacher.shared_prefill = shared  # False: one forward per row, the prompt G times
+            t0 = time.perf_counter()
+            scored[key] = self.teacher.score(d["prompts"], d["responses"])
+            times[key] = time.perf_counter() - t0
+        self.teacher.shared_prefill = True
+        teacher_logp = scored["score"]
+        self.checks["shared_prefill_score_max_abs_logp_diff"] = max(
+            float(np.abs(a - b).max()) for a, b in zip(scored["score"], scored["score_unshared"]) if a.size)
         if self.teacher_bf16 is not None:
             t0 = time.perf_counter()
             lp16 = self.teacher_bf16.score(d["prompts"], d["responses"])
@@ -350,16 +358,16 @@ def main() -> None:
     # per repeat: tokens/s of each variant; opd's pipelines add its rollout/scoring of that repeat
     rate = {v: [n / t for n, t in zip(tokens[v], times[v])] for v in variants}
     opd = "opd_w1" if "opd_w1" in variants else None
-    if opd:  # lever variants: _unshared = one prefill per sample, _bf16 = the teacher scored in bfloat16
-        for suffix, score, roll in (("", "opd_score", "opd_rollout"), ("_unshared", "opd_score", "opd_rollout_unshared"),
+    if opd:  # lever variants: _unshared = the prompt run once per sample, _bf16 = the teacher scored in bfloat16
+        for suffix, score, roll in (("", "opd_score", "opd_rollout"),
+                                    ("_unshared", "opd_score_unshared", "opd_rollout_unshared"),
                                     ("_bf16", "opd_score_bf16", "opd_rollout")):
             if score not in times:
                 continue
             rate["opd_onpolicy_pipeline" + suffix] = [n / (t + s + g) for n, t, s, g in
                                                       zip(tokens[opd], times[opd], times[score], times[roll])]
-            if suffix != "_unshared":
-                rate["opd_offpolicy_pipeline" + suffix] = [n / (t + s) for n, t, s in
-                                                           zip(tokens[opd], times[opd], times[score])]
+            rate["opd_offpolicy_pipeline" + suffix] = [n / (t + s) for n, t, s in
+                                                       zip(tokens[opd], times[opd], times[score])]
 
         # the bound: opd's rollout + scoring alone (its trainer taking no time): no trainer work can
         # lift the end-to-end speedups above these
@@ -384,10 +392,13 @@ def main() -> None:
         "speedup_bound_onpolicy_pipeline_train_free": ratio("opd_onpolicy_pipeline_train_free", "trl_on"),
         "speedup_bound_offpolicy_pipeline_train_free": ratio("opd_offpolicy_pipeline_train_free", "trl_off"),
         "speedup_vs_trl_gkd_onpolicy_pipeline_unshared": ratio("opd_onpolicy_pipeline_unshared", "trl_on"),
+        "speedup_vs_trl_gkd_offpolicy_pipeline_unshared": ratio("opd_offpolicy_pipeline_unshared", "trl_off"),
         "speedup_vs_trl_gkd_onpolicy_pipeline_bf16": ratio("opd_onpolicy_pipeline_bf16", "trl_on"),
         "speedup_vs_trl_gkd_offpolicy_pipeline_bf16": ratio("opd_offpolicy_pipeline_bf16", "trl_off"),
         "shared_prefill_rollout_speedup": round(statistics.median(
             u / s for u, s in zip(times["opd_rollout_unshared"], times["opd_rollout"])), 2),
+        "shared_prefill_score_speedup": round(statistics.median(
+            u / s for u, s in zip(times["opd_score_unshared"], times["opd_score"])), 2),
         "bf16_score_speedup": round(statistics.median(
             a / b for a, b in zip(times["opd_score"], times["opd_score_bf16"])), 2) if "opd_score_bf16" in times else None,
         "lever_checks": prep.checks, "group_size": args.group_size,

@@ -12,7 +12,10 @@ opd_tasks.logprobs (token_logp + gather_response). Scoring sorts rows by length 
 batches of at most token_budget padded tokens (rows x max_len); rows are right-padded and run
 without an attention mask: with right padding a causal model's real positions never see the
 padding, and the mask-free path is the fastest attention kernel. Only the positions that predict
-response tokens go through the hidden -> vocab projection and the float32 log-softmax.
+response tokens go through the hidden -> vocab projection and the float32 log-softmax. Rows that
+share a prompt (a prompt's G samples) are packed together and run that prompt once: a KV-cached,
+left-padded prefill copied to the rows, then their responses with an attention mask
+(HFScorer.shared_prefill; the values equal the per-row path's to float rounding).
 Generation is a KV-cached sampling loop over left-padded batches; behaviour log-probs are read
 off the very tensor that is sampled from (logits / temperature, then top-k/top-p if set).
 """
@@ -140,6 +143,11 @@ class HFScorer(_HFEngine):
     # packed batch holds at most min(token_budget, cpu_forward_tokens). Generation is not capped:
     # its decode steps gain from many rows.
     cpu_forward_tokens = 2048
+    # rows with one prompt (its G samples) run that prompt once: a KV-cached prefill copied to the
+    # rows, then their responses (_shared_states); the log-probs equal the one-forward-per-row
+    # path's to float rounding (tests/engines/test_hf.py). Models whose logits are not the plain
+    # head of the hidden states (softcapping, scaling) always take the one-forward path.
+    shared_prefill = True
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu", token_budget: int = 32768,
                  trust_remote_code: bool = False, progress: bool | None = None):
@@ -174,33 +182,64 @@ class HFScorer(_HFEngine):
             if self.max_positions and prompts[i].size + responses[i].size > self.max_positions:
                 raise EngineInputError(f"score: sample {i} has {prompts[i].size + responses[i].size} tokens, more "
                                        f"than max_position_embeddings={self.max_positions} of {self.model_path}")
-        lengths = [prompts[i].size + responses[i].size for i in todo]
-        self.last_stats = {"batches": 0, "padded_tokens": 0}
+        units = self._units(prompts, responses, todo)
+        lengths = [sum(prompts[i].size + responses[i].size for i in u) for u in units]
+        cost = [self._unit_tokens(prompts, responses, u) for u in units]
+        self.last_stats = {"batches": 0, "padded_tokens": 0, "forward_tokens": 0}
         budget = self.token_budget
         if self.device.type == "cpu":
             budget = min(budget, self.cpu_forward_tokens)
         with torch.inference_mode(), self._bar("score", sum(lengths)) as advance:
-            for batch in pack(range(len(lengths)), lengths, budget):
-                rows = [todo[b] for b in batch]
-                values = self._score_batch([prompts[i] for i in rows], [responses[i] for i in rows], k)
+            for batch in pack(range(len(units)), cost, budget):
+                rows = [i for b in batch for i in units[b]]
+                keys = [b for b in batch for _ in units[b]]  # rows of one unit share its prompt
+                values, forward = self._score_batch([prompts[i] for i in rows], [responses[i] for i in rows], k,
+                                                    keys if len(rows) > len(batch) else None)
                 for i, v in zip(rows, values):
                     out[i] = v
                 self.last_stats["batches"] += 1
-                self.last_stats["padded_tokens"] += len(batch) * lengths[batch[0]]
+                self.last_stats["padded_tokens"] += len(batch) * cost[batch[0]]
+                self.last_stats["forward_tokens"] += forward
                 advance(sum(lengths[b] for b in batch))
         return out
 
-    def _score_batch(self, prompts: list[np.ndarray], responses: list[np.ndarray], k: int = 0) -> list:
+    def _units(self, prompts: list[np.ndarray], responses: list[np.ndarray], todo: list[int]) -> list[list[int]]:
+        """The rows to score, as packing units: with shared_prefill (and the plain head the shared
+        path needs) the rows of one prompt (its G samples) are one unit, so they land in one batch
+        and the prompt runs once; otherwise each row is its own unit."""
+        if not (self.shared_prefill and self._plain_head):
+            return [[i] for i in todo]
+        groups: dict[bytes, list[int]] = {}
+        for i in todo:
+            groups.setdefault(prompts[i].tobytes(), []).append(i)
+        return list(groups.values())
+
+    @staticmethod
+    def _unit_tokens(prompts: list[np.ndarray], responses: list[np.ndarray], unit: list[int]) -> int:
+        """Padded tokens a unit runs: its prompt once, then every row's response (the longest)."""
+        if len(unit) == 1:
+            return prompts[unit[0]].size + responses[unit[0]].size
+        return prompts[unit[0]].size + len(unit) * max(responses[i].size for i in unit)
+
+    def _score_batch(self, prompts: list[np.ndarray], responses: list[np.ndarray], k: int = 0,
+                     keys: list | None = None) -> tuple[list, int]:
+        """(values per row, tokens run through the model). keys[b]: row b's unit; rows of one unit
+        share its prompt, which then runs once (_shared_states)."""
         dev = self.device
-        p_len = torch.tensor([p.size for p in prompts], device=dev)
         r_len = torch.tensor([r.size for r in responses], device=dev)
-        rows = [torch.from_numpy(np.concatenate([p, r])) for p, r in zip(prompts, responses)]
-        ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.pad_id).to(dev)  # [B, L]
-        if self._plain_head:
-            states = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state  # [B, L, H]
+        if keys is not None:
+            states, ids, p_len, forward = self._shared_states(prompts, responses, keys)
             head = self.model.get_output_embeddings()
-        else:  # a model with extra logit processing (softcapping, scaling): full forward
-            states, head = self.model(input_ids=ids, use_cache=False).logits, None  # [B, L, V]
+        else:
+            p_len = torch.tensor([p.size for p in prompts], device=dev)
+            rows = [torch.from_numpy(np.concatenate([p, r])) for p, r in zip(prompts, responses)]
+            ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.pad_id).to(dev)  # [B, L]
+            forward = ids.numel()
+            if self._plain_head:
+                states = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state  # [B, L, H]
+                head = self.model.get_output_embeddings()
+            else:  # a model with extra logit processing (softcapping, scaling): full forward
+                states, head = self.model(input_ids=ids, use_cache=False).logits, None  # [B, L, V]
         # Row b's window: positions p_len[b]-1 .. p_len[b]+r_len[b]-1 (the last prompt token, then the
         # response). Windows of a group of rows are laid end to end as one sequence; token_logp on it
         # gives, at window offset j >= 1, log p(response token j-1); offset 0 is another row's junk.
@@ -222,7 +261,43 @@ class HFScorer(_HFEngine):
                 rows_v = [TopKScores(lp, top_ids[a:a + lp.size].astype(np.int32), top_lp[a:a + lp.size])
                           for lp, a in zip(rows_v, starts)]
             values += rows_v
-        return values
+        return values, forward
+
+    def _shared_states(self, prompts: list[np.ndarray], responses: list[np.ndarray],
+                       keys: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Hidden states laid out as _score_batch's windows with every prompt cut to its last token:
+        (states [B, 1 + R, H], ids [B, 1 + R], p_len = 1 per row, tokens run). Each distinct prompt
+        runs once (left-padded, KV-cached), its cache is copied to its rows, and the responses run
+        on it (right-padded, with the attention mask): position j + 1 of row b is the state after
+        response token j, position 0 the state after the prompt's last token."""
+        dev = self.device
+        slot: dict = {}
+        first: list[int] = []
+        for b, key in enumerate(keys):
+            if slot.setdefault(key, len(slot)) == len(first):
+                first.append(b)
+        width = max(prompts[b].size for b in first)
+        pids = torch.full((len(first), width), self.pad_id, dtype=torch.long)
+        pmask = torch.zeros((len(first), width), dtype=torch.long)
+        for s, b in enumerate(first):  # left padding: every prompt's last token at width - 1
+            pids[s, width - prompts[b].size:] = torch.from_numpy(prompts[b])
+            pmask[s, width - prompts[b].size:] = 1
+        pids, pmask = pids.to(dev), pmask.to(dev)
+        ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model.base_model(input_ids=pids, attention_mask=pmask, position_ids=ppos, use_cache=True)
+        expand = torch.tensor([slot[key] for key in keys], device=dev)
+        cache = out.past_key_values
+        cache.batch_select_indices(expand)
+        rows = [torch.from_numpy(r) for r in responses]
+        rids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.pad_id).to(dev)  # [B, R]
+        r_len = torch.tensor([r.size for r in responses], device=dev)
+        rmask = (torch.arange(rids.shape[1], device=dev)[None] < r_len[:, None]).long()
+        rpos = torch.tensor([p.size for p in prompts], device=dev)[:, None] + torch.arange(rids.shape[1], device=dev)
+        h = self.model.base_model(input_ids=rids, attention_mask=torch.cat([pmask[expand], rmask], 1),
+                                  position_ids=rpos, past_key_values=cache, use_cache=True).last_hidden_state
+        states = torch.cat([out.last_hidden_state[expand, -1:], h], 1)  # [B, 1 + R, H]
+        ids = torch.cat([pids[expand, -1:], rids], 1)
+        return states, ids, torch.ones(len(keys), dtype=torch.long, device=dev), pids.numel() + rids.numel()
 
     def _row_groups(self, r_len: torch.Tensor, head) -> list[tuple[int, int]]:
         """Consecutive row ranges whose float32 logits ([sum(r_len+1), V]) fit LOGITS_BYTES."""

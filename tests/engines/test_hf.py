@@ -317,6 +317,35 @@ def test_score_topk_is_each_positions_top_k_of_a_direct_forward(tiny, k, budget,
             assert not hit.size or o.topk_logp[j, hit[0]] == o.logp[j]
 
 
+@pytest.mark.parametrize("budget", [40, 4096])
+def test_rows_of_one_prompt_run_it_once_with_the_same_log_probs(tiny, budget):
+    """G samples of a prompt (HFScorer.shared_prefill): one KV-cached prefill per prompt, copied to its
+    rows; the log-probs and top-k equal the float64 reference as the one-forward-per-row path does,
+    and fewer tokens go through the model."""
+    rng = np.random.default_rng(3)
+    prompts, responses = [], []
+    for n, lens in ((1, (5, 0, 1)), (9, (12, 3, 7)), (4, (2, 2, 2)), (6, (8,))):  # the last one unshared
+        p = rng.integers(0, VOCAB, n).tolist()
+        for r in lens:
+            prompts.append(p)
+            responses.append(rng.integers(0, VOCAB, r).tolist())
+    order = rng.permutation(len(prompts))  # a prompt's rows need not be next to each other
+    prompts, responses = [prompts[i] for i in order], [responses[i] for i in order]
+    shared, alone = (HFScorer(tiny, progress=False, token_budget=budget) for _ in range(2))
+    alone.shared_prefill = False
+    got, want = shared.score_topk(prompts, responses, 5), alone.score_topk(prompts, responses, 5)
+    assert shared.last_stats["forward_tokens"] < alone.last_stats["forward_tokens"]
+    for p, r, g, w in zip(prompts, responses, got, want):
+        assert g.logp.shape == (len(r),) and g.ids.shape == (len(r), 5)
+        np.testing.assert_allclose(g.logp, reference_logp(shared.model, p, r), rtol=0, atol=2e-5)
+        np.testing.assert_allclose(g.logp, w.logp, rtol=0, atol=1e-5)
+        want_ids, want_lp = reference_topk(shared.model, p, r, 5)
+        np.testing.assert_array_equal(g.ids, want_ids)
+        np.testing.assert_allclose(g.topk_logp, want_lp, rtol=0, atol=2e-5)
+    for a, b in zip(shared.score(prompts, responses), got):  # score() is score_topk's logp, bit for bit
+        np.testing.assert_array_equal(a, b.logp)
+
+
 def test_topk_ties_go_to_the_smaller_id_and_bad_k_is_named(scorer):
     from opd_tasks.logprobs import topk_logp
     logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 1.0, 2.0]])
