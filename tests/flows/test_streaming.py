@@ -61,7 +61,9 @@ def _task_times(flow_run_id) -> dict[str, tuple]:
 
 
 @pytest.mark.slow
-def test_streamed_iteration_writes_the_same_shards_and_weights(tmp_path, tiny_world, prefect_in_process):
+def test_streamed_iteration_writes_the_same_shards_and_weights(tmp_path, tiny_world, prefect_in_process, monkeypatch):
+    """Streamed == sequential, bit for bit; and a streamed run whose rollout failed mid-stream,
+    once resumed, too (one sequential reference for both)."""
     from flows.run import opd_run
     out = {}
     for mode in ("off", "on"):  # hf engines on the cpu: streaming forced on (auto keeps them sequential)
@@ -75,14 +77,15 @@ def test_streamed_iteration_writes_the_same_shards_and_weights(tmp_path, tiny_wo
     # sequential: scoring starts after the rollout ended; streaming: it starts while the rollout runs
     assert t_off["score"][0] >= t_off["rollout"][1]
     assert t_on["score"][0] < t_on["rollout"][1]
+    # the rollout breaks after its first part while the scoring waits for the next one
+    _rollout_fails_mid_stream(tmp_path, tiny_world, monkeypatch)
+    assert _files(tmp_path / "broken") == files_off
 
 
-@pytest.mark.slow
-def test_a_rollout_failing_mid_stream_raises_its_own_error_and_resumes(tmp_path, tiny_world, prefect_in_process,
-                                                                       monkeypatch):
-    """The rollout breaks after its first part while the scoring waits for the next one: the run
-    fails with the rollout's error (not the scoring's "stopped without part"), what was committed
-    stays, and a resume ends with the same files as a run that never failed."""
+def _rollout_fails_mid_stream(tmp_path, tiny_world, monkeypatch) -> None:
+    """A streamed run whose rollout breaks at its second part: the run fails with the rollout's
+    error (not the scoring's "stopped without part"), what was committed stays, and a resume
+    completes it (the caller compares its files with a run that never failed)."""
     import fsspec
 
     from flows.run import opd_run
@@ -96,16 +99,14 @@ def test_a_rollout_failing_mid_stream_raises_its_own_error_and_resumes(tmp_path,
         if len(calls) == 2:
             raise RuntimeError("the rollout engine broke at its second part")
         return real(self, *a, **k)
-    cfg = write_config(tmp_path / "on.yaml", tiny_config(tiny_world, scoring={"streaming": "on"}))
+    cfg = write_config(tmp_path / "broken.yaml", tiny_config(tiny_world, scoring={"streaming": "on"}))
     monkeypatch.setattr(HFGenerator, "generate", breaks)
     with pytest.raises(RuntimeError, match="broke at its second part"):
-        opd_run(cfg, run_dir=str(tmp_path / "on"))
-    stage = tmp_path / "on" / "iter-000000"
+        opd_run(cfg, run_dir=str(tmp_path / "broken"))
+    stage = tmp_path / "broken" / "iter-000000"
     assert len(calls) == 2 and read_manifest(fs, str(stage / "rollout")) is None
     assert [p.name for p in (stage / "rollout").glob("part-*.parquet")] == [part_name(0)]
     assert read_manifest(fs, str(stage / "scored")) is None
     monkeypatch.setattr(HFGenerator, "generate", real)
-    assert opd_run(cfg, run_dir=str(tmp_path / "on"), return_state=True).is_completed()
-    off = write_config(tmp_path / "off.yaml", tiny_config(tiny_world, scoring={"streaming": "off"}))
-    assert opd_run(off, run_dir=str(tmp_path / "off"), return_state=True).is_completed()
-    assert _files(tmp_path / "on") == _files(tmp_path / "off")
+    assert opd_run(cfg, run_dir=str(tmp_path / "broken"), return_state=True).is_completed()
+
