@@ -112,6 +112,29 @@ class _HFEngine:
             out.append(a)
         return out
 
+    def _left_padded(self, prompts: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, attention mask, position ids), each [B, width] on the device: every row's last
+        prompt token at width - 1, positions counting from 0 at each row's first real token."""
+        width = max(p.size for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, width - p.size:] = torch.from_numpy(p)
+            mask[b, width - p.size:] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+    @staticmethod
+    def _first_of_each(keys: Sequence) -> tuple[list[int], dict]:
+        """(the first row of each distinct key, key -> its index among them): the rows of one prompt
+        share the prefill of its first row."""
+        slot: dict = {}
+        first: list[int] = []
+        for b, key in enumerate(keys):
+            if slot.setdefault(key, len(slot)) == len(first):
+                first.append(b)
+        return first, slot
+
     @contextmanager
     def _bar(self, desc: str, total: int) -> Iterator:
         """advance(n_tokens) callable; a rich progress bar with tokens/s when self.progress."""
@@ -182,7 +205,7 @@ class HFScorer(_HFEngine):
             if self.max_positions and prompts[i].size + responses[i].size > self.max_positions:
                 raise EngineInputError(f"score: sample {i} has {prompts[i].size + responses[i].size} tokens, more "
                                        f"than max_position_embeddings={self.max_positions} of {self.model_path}")
-        units = self._units(prompts, responses, todo)
+        units = self._units(prompts, todo)
         lengths = [sum(prompts[i].size + responses[i].size for i in u) for u in units]
         cost = [self._unit_tokens(prompts, responses, u) for u in units]
         self.last_stats = {"batches": 0, "padded_tokens": 0, "forward_tokens": 0}
@@ -203,7 +226,7 @@ class HFScorer(_HFEngine):
                 advance(sum(lengths[b] for b in batch))
         return out
 
-    def _units(self, prompts: list[np.ndarray], responses: list[np.ndarray], todo: list[int]) -> list[list[int]]:
+    def _units(self, prompts: list[np.ndarray], todo: list[int]) -> list[list[int]]:
         """The rows to score, as packing units: with shared_prefill (and the plain head the shared
         path needs) the rows of one prompt (its G samples) are one unit, so they land in one batch
         and the prompt runs once; otherwise each row is its own unit."""
@@ -271,19 +294,8 @@ class HFScorer(_HFEngine):
         on it (right-padded, with the attention mask): position j + 1 of row b is the state after
         response token j, position 0 the state after the prompt's last token."""
         dev = self.device
-        slot: dict = {}
-        first: list[int] = []
-        for b, key in enumerate(keys):
-            if slot.setdefault(key, len(slot)) == len(first):
-                first.append(b)
-        width = max(prompts[b].size for b in first)
-        pids = torch.full((len(first), width), self.pad_id, dtype=torch.long)
-        pmask = torch.zeros((len(first), width), dtype=torch.long)
-        for s, b in enumerate(first):  # left padding: every prompt's last token at width - 1
-            pids[s, width - prompts[b].size:] = torch.from_numpy(prompts[b])
-            pmask[s, width - prompts[b].size:] = 1
-        pids, pmask = pids.to(dev), pmask.to(dev)
-        ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
+        first, slot = self._first_of_each(keys)
+        pids, pmask, ppos = self._left_padded([prompts[b] for b in first])
         out = self.model.base_model(input_ids=pids, attention_mask=pmask, position_ids=ppos, use_cache=True)
         expand = torch.tensor([slot[key] for key in keys], device=dev)
         cache = out.past_key_values
@@ -360,19 +372,8 @@ class HFGenerator(_HFEngine):
         samples) share one prefill when shared_prefill: the prompt is run once and its KV cache and
         last logits are copied to its rows before the first sampling step."""
         dev, B, T = self.device, len(prompts), sp.max_new_tokens
-        width = max(p.size for p in prompts)
-        ids = torch.full((B, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, width), dtype=torch.long)
-        for b, p in enumerate(prompts):  # left padding: every row's last prompt token is at width-1
-            ids[b, width - p.size:] = torch.from_numpy(p)
-            mask[b, width - p.size:] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        slot: dict[int, int] = {}  # prompt key -> its row in the prefill batch
-        first: list[int] = []      # the batch row that is prefilled for each prompt
-        for b, k in enumerate(keys if self.shared_prefill and keys is not None else range(B)):
-            if slot.setdefault(k, len(slot)) == len(first):
-                first.append(b)
+        ids, mask, pos = self._left_padded(prompts)  # every row's last prompt token at the same column
+        first, slot = self._first_of_each(keys if self.shared_prefill and keys is not None else range(B))
         if len(first) < B:
             out = self.model(input_ids=ids[first], attention_mask=mask[first], position_ids=pos[first],
                              use_cache=True, logits_to_keep=1)
